@@ -1,0 +1,60 @@
+"""Collation: images and captions -> one batch with labels aligned to [prefix; prompt; caption]."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+
+class CaptionCollator:
+    """Tokenises captions after a fixed prompt, appends EOS, right-pads.
+
+    ``labels`` spans ``prefix_length + text_length`` positions and is ``IGNORE_INDEX`` on the
+    visual prefix, the prompt and padding: the loss sees caption tokens and EOS only.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prefix_length: int,
+        prompt: str = "",
+        max_caption_tokens: int = 40,
+    ) -> None:
+        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer needs an EOS and a pad token to build caption batches")
+        self.tokenizer = tokenizer
+        self.prefix_length = prefix_length
+        self.prompt = prompt
+        self.prompt_ids: list[int] = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+        self.max_caption_tokens = max_caption_tokens
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        captions = [sample["caption"] for sample in samples]
+        caption_ids = self.tokenizer(captions, add_special_tokens=False).input_ids
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        sequences = [self.prompt_ids + ids[: self.max_caption_tokens] + [eos] for ids in caption_ids]
+        length = max(len(seq) for seq in sequences)
+        batch_size = len(samples)
+        input_ids = torch.full((batch_size, length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+        labels = torch.full((batch_size, self.prefix_length + length), IGNORE_INDEX, dtype=torch.long)
+        start = self.prefix_length + len(self.prompt_ids)
+        for row, seq in enumerate(sequences):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            attention_mask[row, : len(seq)] = 1
+            caption_part = seq[len(self.prompt_ids) :]
+            labels[row, start : start + len(caption_part)] = torch.tensor(caption_part)
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "captions": captions,
+            "keys": [sample.get("key") for sample in samples],
+        }
+        if "image" in samples[0]:
+            batch["pixel_values"] = torch.stack([sample["image"] for sample in samples])
+        return batch

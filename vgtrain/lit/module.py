@@ -1,0 +1,111 @@
+"""LightningModule: the visual-prefix LM, its loss, optimizer and schedule. Checkpoints keep the
+trainable tensors only; frozen backbones are rebuilt from their registry entries."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from vgtrain.models import VisualPrefixLM, build_model
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup from 0, then cosine decay to ``min_lr_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class CaptioningModule(L.LightningModule):
+    """Trains the adapters (and the LLM when ``llm.trainable``) on caption tokens only."""
+
+    def __init__(
+        self,
+        vision: dict[str, Any],
+        llm: dict[str, Any],
+        mapper: dict[str, Any],
+        optimizer: partial,
+        scheduler: dict[str, Any],
+        prompt: str = "",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.model: VisualPrefixLM = build_model(vision, llm, mapper)
+        self.optimizer_factory = optimizer
+        self.scheduler_options = scheduler
+        self.prompt = prompt
+        # Checkpoints omit frozen backbone tensors, so loading must accept their absence.
+        self.strict_loading = False
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        out = self.model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            pixel_values=batch.get("pixel_values"),
+        )
+        batch_size = batch["input_ids"].shape[0]
+        accuracy = out.num_correct.float() / out.num_tokens.clamp(min=1)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", out.loss, prog_bar=True, batch_size=batch_size, on_step=on_step, on_epoch=not on_step)
+        self.log(f"{stage}/token_accuracy", accuracy, batch_size=batch_size, on_step=on_step, on_epoch=not on_step)
+        return out.loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # No weight decay on biases and norm gains (every parameter with fewer than 2 dims).
+        decay, no_decay = [], []
+        for _, parameter in self.model.trainable_named_parameters():
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+        optimizer = self.optimizer_factory(
+            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = partial(
+            warmup_cosine,
+            warmup_steps=int(self.scheduler_options.get("warmup_steps", 0)) or 1,
+            total_steps=total,
+            min_lr_ratio=float(self.scheduler_options.get("min_lr_ratio", 0.0)),
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = self.model.trainable_state_dict()
+        checkpoint["state_dict"] = {f"model.{name}": tensor for name, tensor in trainable.items()}
+        checkpoint["vgtrain"] = self.backbone_facts()
+
+    def backbone_facts(self) -> dict[str, Any]:
+        """Names, sizes and weight digests of the backbones, computed once (hashing is not free)."""
+        if not hasattr(self, "_backbone_facts"):
+            llm = self.model.llm.describe()
+            if self.model.llm.trainable:
+                llm.pop("weights_digest")  # the trained weights are in the checkpoint itself
+            self._backbone_facts = {"vision": self.model.vision.describe(), "llm": llm}
+        return self._backbone_facts
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("vgtrain", {}).get("vision")
+        if saved is None:
+            return
+        current = self.backbone_facts()["vision"]
+        for key in ("name", "token_dim", "embed_dim", "weights_digest"):
+            if saved.get(key) != current.get(key):
+                raise ValueError(
+                    f"checkpoint was trained with vision backbone {saved.get('name')!r} "
+                    f"({key}={saved.get(key)!r}) but the config builds {current.get('name')!r} "
+                    f"({key}={current.get(key)!r})"
+                )

@@ -1,0 +1,80 @@
+"""Causal language model over transformers, fed with ``inputs_embeds`` so a visual prefix fits in."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from vgtrain.models.backbones.frozen import FrozenModule
+from vgtrain.models.backbones.vision import weights_digest
+
+
+class LanguageModel(FrozenModule):
+    """Wraps an ``AutoModelForCausalLM`` and its tokenizer.
+
+    ``forward`` returns final hidden states; ``logits`` applies the output head only where asked,
+    because with a 50k-token vocabulary the head costs more than the whole tiny adapter and
+    most positions (prefix, prompt, padding) carry no loss.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        name: str,
+        source: str,
+        trainable: bool = False,
+    ) -> None:
+        super().__init__(trainable=trainable)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"LLM {name!r}: tokenizer from {source} has no EOS token; captions need one to stop")
+        if tokenizer.pad_token_id is None:
+            # Padding positions are masked out of attention and loss, so EOS is a safe pad.
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = source
+        self.hidden_size: int = int(model.get_input_embeddings().embedding_dim)
+        self.vocab_size: int = int(model.get_output_embeddings().weight.shape[0])
+        self.freeze_if_needed()
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> Any:
+        """Runs the decoder stack (without the output head); returns the base model's output."""
+        return self.model.base_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "model_class": type(self.model).__name__,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "weights_digest": weights_digest(self.model),
+        }
+
+

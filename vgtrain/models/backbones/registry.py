@@ -1,0 +1,140 @@
+"""Config names -> backbones. Adding a backbone is one line in one of these tables.
+
+Each entry says where its weights come from: an open_clip pretrained tag or a hub id (needs the
+network), a local path given in the config, or ``tiny`` (random init from a seed, offline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vgtrain.models.backbones.llm import LanguageModel
+from vgtrain.models.backbones.tiny import build_tiny_gpt2, build_tiny_tokenizer, tiny_open_clip_config
+from vgtrain.models.backbones.vision import VisionBackbone
+
+
+class BackboneError(RuntimeError):
+    """A backbone that cannot be resolved or loaded; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class VisionEntry:
+    architecture: str  # an open_clip model name, or "tiny" for a config registered at run time
+    pretrained: str | None = None  # open_clip tag (downloads) or a local checkpoint path
+
+
+@dataclass(frozen=True)
+class LLMEntry:
+    hub_id: str | None  # None: built offline from a config (tiny)
+    notes: str = field(default="", compare=False)
+
+
+VISION_BACKBONES: dict[str, VisionEntry] = {
+    "tiny": VisionEntry("tiny"),
+    "clip_vit_b32": VisionEntry("ViT-B-32", "openai"),
+    "clip_vit_b16": VisionEntry("ViT-B-16", "openai"),
+    "clip_vit_l14": VisionEntry("ViT-L-14", "openai"),
+    "clip_vit_l14_laion2b": VisionEntry("ViT-L-14", "laion2b_s32b_b82k"),
+}
+
+LLM_BACKBONES: dict[str, LLMEntry] = {
+    "tiny": LLMEntry(None, "random-init GPT-2 (3 layers, width 192) with a BPE tokenizer trained offline"),
+    "gpt2": LLMEntry("openai-community/gpt2"),
+    "gpt2_medium": LLMEntry("openai-community/gpt2-medium"),
+    "opt_125m": LLMEntry("facebook/opt-125m"),
+    "smollm2_135m_hub": LLMEntry("HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "qwen2_5_0_5b": LLMEntry("Qwen/Qwen2.5-0.5B"),
+}
+
+
+def _lookup(table: dict[str, Any], name: str, kind: str) -> Any:
+    if name not in table:
+        raise BackboneError(f"unknown {kind} backbone {name!r}; registered: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def _register_tiny_open_clip(arch: dict[str, Any]) -> str:
+    """Registers a small ViT config with open_clip under a name derived from its contents."""
+    import open_clip
+
+    config = tiny_open_clip_config(**arch)
+    name = "vgtrain-tiny-" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+    if name not in open_clip.list_models():
+        folder = Path(tempfile.mkdtemp(prefix="vgtrain-open-clip-"))
+        (folder / f"{name}.json").write_text(json.dumps(config))
+        open_clip.add_model_config(folder)
+    return name
+
+
+def build_vision(
+    name: str,
+    *,
+    pretrained: str | None = None,
+    pool_tokens: int = 1,
+    trainable: bool = False,
+    init_seed: int = 0,
+    arch: dict[str, Any] | None = None,
+) -> VisionBackbone:
+    """Builds a registered open_clip vision tower; ``pretrained`` overrides the entry's tag/path."""
+    import open_clip
+
+    entry: VisionEntry = _lookup(VISION_BACKBONES, name, "vision")
+    source = pretrained or entry.pretrained
+    if entry.architecture == "tiny":
+        architecture = _register_tiny_open_clip(arch or {})
+        source = source or f"random-init(seed={init_seed})"
+    else:
+        if arch:
+            raise BackboneError(f"vision backbone {name!r}: 'arch' overrides apply to the tiny entry only")
+        architecture = entry.architecture
+    load_from = pretrained or entry.pretrained
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            clip, _, preprocess = open_clip.create_model_and_transforms(architecture, pretrained=load_from)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise BackboneError(
+            f"vision backbone {name!r}: cannot load open_clip {architecture!r} weights {load_from!r} ({error}). "
+            "Offline, point model.vision.pretrained at a local open_clip checkpoint file."
+        ) from error
+    return VisionBackbone(
+        clip.visual, preprocess, name=name, source=str(source), pool_tokens=pool_tokens, trainable=trainable
+    )
+
+
+def build_llm(
+    name: str,
+    *,
+    path: str | None = None,
+    trainable: bool = False,
+    init_seed: int = 0,
+    tokenizer_vocab_size: int = 512,
+    tokenizer_corpus: str | None = None,
+    arch: dict[str, Any] | None = None,
+) -> LanguageModel:
+    """Builds a registered causal LM; ``path`` (a local HF folder) overrides the entry's hub id."""
+    entry: LLMEntry = _lookup(LLM_BACKBONES, name, "LLM")
+    if entry.hub_id is None and path is None:
+        tokenizer = build_tiny_tokenizer(tokenizer_vocab_size, tokenizer_corpus)
+        model = build_tiny_gpt2(tokenizer, init_seed=init_seed, **(arch or {}))
+        source = f"random-init(seed={init_seed})"
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = path or entry.hub_id
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source)
+        except OSError as error:
+            raise BackboneError(
+                f"LLM backbone {name!r}: cannot load {source!r} ({error}). Without the hub "
+                "(HF_HUB_OFFLINE=1 or no network), set model.llm.path to a local model folder."
+            ) from error
+    return LanguageModel(model, tokenizer, name=name, source=str(source), trainable=trainable)

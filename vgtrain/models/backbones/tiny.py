@@ -1,0 +1,91 @@
+"""Small random-init backbones that build offline, deterministically, for tests and the demo.
+
+Their weights are never saved: the same ``init_seed`` rebuilds the same tensors anywhere, so a
+checkpoint can leave them out exactly as it leaves out downloaded weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+EOS = "<|endoftext|>"
+
+# The tiny tokenizer learns its merges from this text unless a corpus file is given. It holds the
+# vocabulary of short image captions (objects, colours, sizes, places, relations), so such words
+# become single tokens; any other text still encodes, byte by byte.
+BUILTIN_CORPUS = """
+a an the of on in at to and with is are this that there image photo picture of showing
+small large big tiny little medium red green blue yellow purple orange black white grey gray
+brown pink cyan circle square triangle diamond star rectangle shape shapes object objects
+top bottom middle center centre left right above below beside next near far corner side
+one two three some many several dog cat man woman person people car tree house table
+sitting standing holding looking walking playing street room water field sky
+"""
+
+
+def tiny_open_clip_config(
+    image_size: int = 64, patch_size: int = 8, width: int = 192, layers: int = 4, embed_dim: int = 128
+) -> dict:
+    """An open_clip model config for a small ViT (the text tower is minimal: it is discarded)."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {
+            "image_size": image_size,
+            "layers": layers,
+            "width": width,
+            "head_width": 64,
+            "patch_size": patch_size,
+        },
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 64, "heads": 1, "layers": 1},
+    }
+
+
+def build_tiny_tokenizer(vocab_size: int = 512, corpus_file: str | None = None) -> PreTrainedTokenizerFast:
+    """Trains a byte-level BPE tokenizer (GPT-2's scheme) offline, deterministically."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    if corpus_file is not None:
+        lines = Path(corpus_file).read_text(encoding="utf-8").splitlines()
+    else:
+        lines = BUILTIN_CORPUS.split()
+    tokenizer.train_from_iterator(lines, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+
+
+def build_tiny_gpt2(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    width: int = 192,
+    layers: int = 3,
+    heads: int = 4,
+    max_positions: int = 128,
+    init_seed: int = 0,
+) -> GPT2LMHeadModel:
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=max_positions,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        # Dropout would only add noise to a frozen function; a trainable tiny LM learns faster without.
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return GPT2LMHeadModel(config)

@@ -1,0 +1,101 @@
+"""Frozen CLIP vision tower over open_clip, exposing patch tokens and the pooled embedding."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vgtrain.models.backbones.frozen import FrozenModule
+
+
+@dataclass
+class VisualFeatures:
+    """What the vision tower hands the adapters.
+
+    tokens: patch tokens [B, N, token_dim] (after the tower's final norm, before its projection).
+    pooled: the CLIP image embedding [B, embed_dim] (after the projection, not normalised).
+    """
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+
+    def index_select(self, index: torch.Tensor) -> VisualFeatures:
+        return VisualFeatures(self.tokens.index_select(0, index), self.pooled.index_select(0, index))
+
+
+class VisionBackbone(FrozenModule):
+    """Wraps an open_clip ``VisualTransformer``; ``encode(images)`` returns :class:`VisualFeatures`.
+
+    ``pool_tokens`` average-pools the patch grid by that factor (2 -> 4x fewer tokens), which
+    shortens every attention over the visual memory downstream.
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        transform: Callable[[Any], torch.Tensor],
+        *,
+        name: str,
+        source: str,
+        pool_tokens: int = 1,
+        trainable: bool = False,
+    ) -> None:
+        super().__init__(trainable=trainable)
+        if not hasattr(visual, "output_tokens"):
+            raise TypeError(
+                f"vision backbone {name!r}: {type(visual).__name__} does not expose patch tokens; "
+                "vgtrain supports open_clip ViT towers"
+            )
+        visual.output_tokens = True
+        self.visual = visual
+        self.transform = transform
+        self.name = name
+        self.source = source
+        self.pool_tokens = pool_tokens
+        grid = visual.grid_size
+        self.grid_size: tuple[int, int] = (grid[0] // pool_tokens, grid[1] // pool_tokens)
+        self.image_size: int = int(visual.image_size[0]) if isinstance(visual.image_size, tuple) else int(visual.image_size)
+        self.token_dim: int = int(visual.transformer.width)
+        self.embed_dim: int = int(visual.output_dim)
+        self.freeze_if_needed()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def encode(self, images: torch.Tensor) -> VisualFeatures:
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            pooled, tokens = self.visual(images)
+        if self.pool_tokens > 1:
+            b, n, d = tokens.shape
+            h, w = self.visual.grid_size
+            grid = tokens.transpose(1, 2).reshape(b, d, h, w)
+            tokens = F.avg_pool2d(grid, self.pool_tokens).flatten(2).transpose(1, 2)
+        return VisualFeatures(tokens=tokens, pooled=pooled)
+
+    def describe(self) -> dict[str, Any]:
+        """The facts a checkpoint or export records to refuse a mismatched backbone later."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "token_dim": self.token_dim,
+            "embed_dim": self.embed_dim,
+            "num_tokens": self.num_tokens,
+            "image_size": self.image_size,
+            "weights_digest": weights_digest(self.visual),
+        }
+
+
+def weights_digest(module: nn.Module) -> str:
+    """A short content digest of a module's tensors (names, shapes and values)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,128 @@
+"""Mapping networks: visual features -> K prefix embeddings in the LLM's input space (ClipCap).
+
+Every mapper is sized from the backbones (``in_dim``, ``out_dim`` are never written in a config)
+and reads either the pooled CLIP embedding or the patch tokens, as its ``source`` says.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from vgtrain.models.backbones.vision import VisualFeatures
+
+Source = Literal["pooled", "tokens"]
+
+
+class Mapper(nn.Module):
+    """Base class: ``forward(features) -> [B, prefix_length, out_dim]``."""
+
+    source: Source = "pooled"
+
+    def __init__(self, prefix_length: int) -> None:
+        super().__init__()
+        if prefix_length < 1:
+            raise ValueError(f"prefix_length must be >= 1, got {prefix_length}")
+        self.prefix_length = prefix_length
+
+    def select(self, features: VisualFeatures) -> torch.Tensor:
+        return features.tokens if self.source == "tokens" else features.pooled
+
+
+class LinearMapper(Mapper):
+    """One linear map from the pooled embedding to all K prefix embeddings."""
+
+    def __init__(self, in_dim: int, out_dim: int, prefix_length: int = 10) -> None:
+        super().__init__(prefix_length)
+        self.out_dim = out_dim
+        self.proj = nn.Linear(in_dim, prefix_length * out_dim)
+
+    def forward(self, features: VisualFeatures) -> torch.Tensor:
+        return self.proj(self.select(features)).view(-1, self.prefix_length, self.out_dim)
+
+
+class MLPMapper(Mapper):
+    """ClipCap's MLP: Linear -> tanh -> Linear, pooled embedding -> K prefix embeddings."""
+
+    def __init__(self, in_dim: int, out_dim: int, prefix_length: int = 10, hidden_dim: int | None = None) -> None:
+        super().__init__(prefix_length)
+        self.out_dim = out_dim
+        hidden_dim = hidden_dim or (out_dim * prefix_length) // 2
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, prefix_length * out_dim)
+        )
+
+    def forward(self, features: VisualFeatures) -> torch.Tensor:
+        return self.net(self.select(features)).view(-1, self.prefix_length, self.out_dim)
+
+
+class TransformerMapper(Mapper):
+    """ClipCap's transformer mapper: K learned constant queries attend over the visual inputs.
+
+    With ``source="pooled"`` the pooled embedding is first expanded into ``clip_length`` tokens
+    (as in ClipCap); with ``source="tokens"`` the patch tokens are the inputs. Inputs and
+    queries go through one pre-norm transformer encoder and the query outputs are the prefix.
+    """
+
+    source: Source = "tokens"
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        prefix_length: int = 10,
+        source: Source = "tokens",
+        width: int = 256,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        clip_length: int = 10,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(prefix_length)
+        self.source = source
+        self.clip_length = clip_length
+        if source == "pooled":
+            self.input_proj: nn.Module = nn.Linear(in_dim, clip_length * width)
+        else:
+            self.input_proj = nn.Linear(in_dim, width)
+        self.queries = nn.Parameter(torch.randn(prefix_length, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            width,
+            num_heads,
+            dim_feedforward=int(width * mlp_ratio),
+            dropout=dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.output_proj = nn.Linear(width, out_dim)
+
+    def forward(self, features: VisualFeatures) -> torch.Tensor:
+        x = self.input_proj(self.select(features))
+        if self.source == "pooled":
+            x = x.view(x.shape[0], self.clip_length, -1)
+        queries = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)
+        hidden = self.encoder(torch.cat([x, queries], dim=1))
+        return self.output_proj(self.norm(hidden[:, -self.prefix_length :]))
+
+
+MAPPERS: dict[str, type[Mapper]] = {
+    "linear": LinearMapper,
+    "mlp": MLPMapper,
+    "transformer": TransformerMapper,
+}
+
+
+def build_mapper(name: str, *, vision_token_dim: int, vision_embed_dim: int, out_dim: int, **options) -> Mapper:
+    """Builds a registered mapper, choosing its input width from the features it reads."""
+    if name not in MAPPERS:
+        raise ValueError(f"unknown mapper {name!r}; registered: {', '.join(sorted(MAPPERS))}")
+    cls = MAPPERS[name]
+    source = options.get("source", cls.source)
+    in_dim = vision_token_dim if source == "tokens" else vision_embed_dim
+    return cls(in_dim=in_dim, out_dim=out_dim, **options)

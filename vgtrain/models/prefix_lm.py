@@ -1,0 +1,93 @@
+"""The composed model: frozen vision -> mapper -> prefix ; frozen LLM -> loss on caption tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vgtrain.models.backbones.llm import LanguageModel
+from vgtrain.models.backbones.vision import VisionBackbone, VisualFeatures
+from vgtrain.models.mapper import Mapper
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PrefixLMOutput:
+    loss: torch.Tensor  # mean cross-entropy over caption tokens
+    num_tokens: torch.Tensor  # caption tokens that carried loss
+    num_correct: torch.Tensor  # of those, how many the argmax predicted (teacher forcing)
+
+
+class VisualPrefixLM(nn.Module):
+    """p(y_t | y_<t, I): the mapper's prefix P is prepended to the embedded prompt and caption.
+
+    Sequence layout (the collator builds labels for the same layout):
+    ``[P_1..P_K][prompt tokens][caption tokens][EOS][pad...]``; only caption tokens and EOS carry
+    loss.
+    """
+
+    def __init__(self, vision: VisionBackbone, llm: LanguageModel, mapper: Mapper) -> None:
+        super().__init__()
+        self.vision = vision
+        self.llm = llm
+        self.mapper = mapper
+
+    @property
+    def prefix_length(self) -> int:
+        return self.mapper.prefix_length
+
+    def features(
+        self, pixel_values: torch.Tensor | None = None, features: VisualFeatures | None = None
+    ) -> VisualFeatures:
+        """Visual features from images, or the precomputed ones when given."""
+        if features is not None:
+            return features
+        if pixel_values is None:
+            raise ValueError("pass pixel_values or precomputed features")
+        return self.vision.encode(pixel_values)
+
+    def input_embeddings(
+        self, features: VisualFeatures, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix = self.mapper(features)
+        text = self.llm.embed(input_ids)
+        embeds = torch.cat([prefix.to(text.dtype), text], dim=1)
+        prefix_mask = attention_mask.new_ones(prefix.shape[:2])
+        return embeds, torch.cat([prefix_mask, attention_mask], dim=1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        features: VisualFeatures | None = None,
+    ) -> PrefixLMOutput:
+        expected = self.prefix_length + input_ids.shape[1]
+        if labels.shape[1] != expected:
+            raise ValueError(
+                f"labels cover {labels.shape[1]} positions but prefix + text is {expected}; "
+                "the collator's prefix_length must equal the mapper's"
+            )
+        embeds, mask = self.input_embeddings(self.features(pixel_values, features), input_ids, attention_mask)
+        hidden = self.llm(embeds, mask).last_hidden_state
+        # Position t predicts token t+1; apply the output head only where a target exists.
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.llm.logits(hidden[:, :-1][keep])
+        target_ids = targets[keep]
+        loss = F.cross_entropy(logits.float(), target_ids)
+        num_correct = (logits.argmax(-1) == target_ids).sum()
+        return PrefixLMOutput(loss=loss, num_tokens=keep.sum(), num_correct=num_correct)
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint holds: adapters, and the LLM only when it is trained."""
+        names = {name for name, _ in self.trainable_named_parameters()}
+        return {k: v for k, v in self.state_dict().items() if k in names}

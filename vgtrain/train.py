@@ -1,0 +1,150 @@
+"""`vgtrain train`: compose the config, build model and data, fit with Lightning, evaluate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vgtrain.data.collate import CaptionCollator
+from vgtrain.data.shards import atomic_write_text
+from vgtrain.data.synthetic import write_shapes_dataset
+from vgtrain.evaluation import evaluate_captions, format_examples
+from vgtrain.lit.datamodule import CaptionDataModule
+from vgtrain.lit.module import CaptioningModule
+from vgtrain.paths import CONF_DIR
+
+log = logging.getLogger(__name__)
+
+
+def prepare_synthetic_data(cfg: DictConfig) -> None:
+    """Generates the embedded dataset if the data config asks for it; fills in its shard URLs."""
+    options = cfg.data.get("synthetic")
+    if not options:
+        return
+    options = OmegaConf.to_container(options, resolve=True)
+    manifest = write_shapes_dataset(Path(options.pop("root")), **options)
+    with open_dict(cfg):
+        for split, pattern in manifest["patterns"].items():
+            if cfg.data.get(f"{split}_urls") is None:
+                cfg.data[f"{split}_urls"] = pattern
+
+
+def build_module(cfg: DictConfig) -> CaptioningModule:
+    container = OmegaConf.to_container(cfg.model, resolve=True)
+    return CaptioningModule(
+        vision=container["vision"],
+        llm=container["llm"],
+        mapper=container["mapper"],
+        optimizer=instantiate(cfg.model.optimizer),
+        scheduler=container["scheduler"],
+        prompt=container["prompt"],
+    )
+
+
+def build_collator(cfg: DictConfig, module: CaptioningModule) -> CaptionCollator:
+    return CaptionCollator(
+        module.model.llm.tokenizer,
+        prefix_length=module.model.prefix_length,
+        prompt=cfg.model.prompt,
+        max_caption_tokens=cfg.data.max_caption_tokens,
+    )
+
+
+def build_datamodule(cfg: DictConfig, module: CaptioningModule) -> CaptionDataModule:
+    data = cfg.data
+    return CaptionDataModule(
+        train_urls=data.train_urls,
+        val_urls=data.get("val_urls"),
+        transform=module.model.vision.transform,
+        collator=build_collator(cfg, module),
+        batch_size=data.batch_size,
+        val_batch_size=data.val_batch_size,
+        num_workers=data.num_workers,
+        shuffle_buffer=data.shuffle_buffer,
+        seed=cfg.seed,
+    )
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    return [instantiate(item) for item in (group or {}).values() if item is not None]
+
+
+def evaluate_after_fit(cfg: DictConfig, module: CaptioningModule, datamodule: CaptionDataModule) -> dict[str, float]:
+    """Greedy-decodes the configured splits; returns flat metrics and prints example captions."""
+    settings = cfg.evaluate
+    metrics: dict[str, float] = {}
+    runs = [(split, split, False) for split in settings.splits]
+    if settings.shuffled_control:
+        runs.append((f"{settings.shuffled_control}_shuffled", settings.shuffled_control, True))
+    for name, split, shuffled in runs:
+        urls = cfg.data.get(f"{split}_urls")
+        if not urls:
+            log.info("evaluation: no data.%s_urls, skipping split %r", split, name)
+            continue
+        result = evaluate_captions(
+            module.model,
+            datamodule._loader(urls, train=False),
+            prompt=cfg.model.prompt,
+            max_new_tokens=settings.max_new_tokens,
+            shuffle_images=shuffled,
+            keep_examples=settings.num_examples,
+            description=f"evaluating {name}",
+        )
+        metrics.update(result.metrics(name))
+        if not shuffled:
+            print(f"\n{name}: {result.num_samples} images, greedy decoding\n{format_examples(result.examples)}")
+    return metrics
+
+
+def print_metrics(metrics: dict[str, float]) -> None:
+    print("\nmetric                          value")
+    for key, value in metrics.items():
+        print(f"{key:<30} {value:>8.4f}" if isinstance(value, float) else f"{key:<30} {value}")
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    started = time.perf_counter()
+    run_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    prepare_synthetic_data(cfg)
+
+    module = build_module(cfg)
+    datamodule = build_datamodule(cfg, module)
+    module.model.llm.tokenizer.save_pretrained(run_dir / "tokenizer")
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics: dict[str, float] = {
+        key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1
+    }
+    if cfg.evaluate.enabled and trainer.is_global_zero:
+        evaluation = evaluate_after_fit(cfg, module, datamodule)
+        metrics.update(evaluation)
+        for logger in loggers:
+            logger.log_metrics(evaluation, step=trainer.global_step)
+    metrics["global_step"] = float(trainer.global_step)
+    metrics["wall_seconds"] = time.perf_counter() - started
+    if trainer.is_global_zero:
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        print_metrics(metrics)
+        print(f"\ncheckpoints: {run_dir / 'checkpoints'}\nrun directory:\n{run_dir}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = run(cfg)
+    return metrics.get("val/loss")
