@@ -63,7 +63,7 @@ def evaluate_captions(
             correct += int(out.num_correct)
             tokens += int(out.num_tokens)
             predictions = generate_captions(model, features, prompt=prompt, max_new_tokens=max_new_tokens)
-            for key, reference, prediction in zip(batch["keys"], batch["captions"], predictions):
+            for key, reference, prediction in zip(batch["keys"], batch["captions"], predictions, strict=True):
                 matches += normalize_caption(prediction) == normalize_caption(reference)
                 samples += 1
                 if len(examples) < keep_examples:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vgtrain.data.collate import CaptionCollator
@@ -23,6 +24,9 @@ from vgtrain.lit.module import CaptioningModule
 from vgtrain.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
+
+# Frozen backbones are in eval mode on purpose (FrozenModule); Lightning warns about it.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def prepare_synthetic_data(cfg: DictConfig) -> None:
@@ -71,6 +75,8 @@ def build_datamodule(cfg: DictConfig, module: CaptioningModule) -> CaptionDataMo
         num_workers=data.num_workers,
         shuffle_buffer=data.shuffle_buffer,
         seed=cfg.seed,
+        cache_features=data.get("cache_features", False),
+        vision=module.model.vision,
     )
 
 
@@ -92,7 +98,7 @@ def evaluate_after_fit(cfg: DictConfig, module: CaptioningModule, datamodule: Ca
             continue
         result = evaluate_captions(
             module.model,
-            datamodule._loader(urls, train=False),
+            datamodule.loader(urls, train=False),
             prompt=cfg.model.prompt,
             max_new_tokens=settings.max_new_tokens,
             shuffle_images=shuffled,
@@ -137,6 +143,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             logger.log_metrics(evaluation, step=trainer.global_step)
     metrics["global_step"] = float(trainer.global_step)
     metrics["wall_seconds"] = time.perf_counter() - started
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # flush now, so the run directory stays the last line printed
     if trainer.is_global_zero:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         print_metrics(metrics)

@@ -57,4 +57,7 @@ class CaptionCollator:
         }
         if "image" in samples[0]:
             batch["pixel_values"] = torch.stack([sample["image"] for sample in samples])
+        if "tokens" in samples[0]:  # precomputed visual features (see data/feature_cache.py)
+            batch["visual_tokens"] = torch.stack([sample["tokens"] for sample in samples])
+            batch["visual_pooled"] = torch.stack([sample["pooled"] for sample in samples])
         return batch

@@ -1,7 +1,8 @@
-"""LightningDataModule over WebDataset shards."""
+"""LightningDataModule over WebDataset shards, optionally training from cached vision features."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,12 +12,20 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vgtrain.data.collate import CaptionCollator
+from vgtrain.data.feature_cache import CachedFeatures, compute_features
 from vgtrain.data.pipeline import caption_dataset
+from vgtrain.models.backbones.vision import VisionBackbone
+
+log = logging.getLogger(__name__)
 
 
 class CaptionDataModule(L.LightningDataModule):
-    """Train on resampled shards (an endless stream: training length is ``trainer.max_steps``);
-    validate on each validation shard once."""
+    """Trains on resampled shards (an endless stream: the run's length is ``trainer.max_steps``)
+    and validates on each validation shard once.
+
+    With ``cache_features`` the training split is read once, passed through the frozen
+    ``vision`` tower, and training samples shuffled batches of those features from memory.
+    """
 
     def __init__(
         self,
@@ -29,8 +38,12 @@ class CaptionDataModule(L.LightningDataModule):
         num_workers: int = 1,
         shuffle_buffer: int = 2000,
         seed: int = 0,
+        cache_features: bool = False,
+        vision: VisionBackbone | None = None,
     ) -> None:
         super().__init__()
+        if cache_features and vision is None:
+            raise ValueError("cache_features needs the vision backbone that computes the features")
         self.train_urls = train_urls
         self.val_urls = val_urls
         self.transform = transform
@@ -40,8 +53,19 @@ class CaptionDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.cache_features = cache_features
+        self.vision = vision
+        self.train_cache: CachedFeatures | None = None
 
-    def _loader(self, urls: str, *, train: bool) -> DataLoader:
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.cache_features and self.train_cache is None:
+            self.train_cache = compute_features(
+                self.vision, self.loader(self.train_urls, train=False), "caching train features"
+            )
+            log.info("cached features of %d training samples", len(self.train_cache))
+
+    def loader(self, urls: str, *, train: bool) -> DataLoader:
+        """Shard stream -> batches. ``train``: resampled forever and shuffled; else each shard once."""
         dataset = caption_dataset(
             urls,
             transform=self.transform,
@@ -60,7 +84,29 @@ class CaptionDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_urls, train=True)
+        if self.train_cache is None:
+            return self.loader(self.train_urls, train=True)
+        return DataLoader(
+            self.train_cache,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=_ReportOnce(self.collator, self.train_cache.skipped),
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader | list[Any]:
-        return self._loader(self.val_urls, train=False) if self.val_urls else []
+        return self.loader(self.val_urls, train=False) if self.val_urls else []
+
+
+class _ReportOnce:
+    """Collates cached samples; the first batch carries the skips counted while caching."""
+
+    def __init__(self, collate: CaptionCollator, skipped: dict[str, int]) -> None:
+        self.collate = collate
+        self.pending = dict(skipped)
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(samples)
+        batch["skipped"], self.pending = self.pending, {}
+        return batch

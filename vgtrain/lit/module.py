@@ -12,6 +12,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from vgtrain.models import VisualPrefixLM, build_model
+from vgtrain.models.backbones.vision import VisualFeatures
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -44,11 +45,15 @@ class CaptioningModule(L.LightningModule):
         self.strict_loading = False
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        features = None
+        if "visual_tokens" in batch:
+            features = VisualFeatures(batch["visual_tokens"], batch["visual_pooled"])
         out = self.model(
             batch["input_ids"],
             batch["attention_mask"],
             batch["labels"],
             pixel_values=batch.get("pixel_values"),
+            features=features,
         )
         batch_size = batch["input_ids"].shape[0]
         accuracy = out.num_correct.float() / out.num_tokens.clamp(min=1)

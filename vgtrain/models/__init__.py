@@ -18,6 +18,7 @@ def build_model(vision: dict[str, Any], llm: dict[str, Any], mapper: dict[str, A
         mapper_options.pop("name"),
         vision_token_dim=vision_backbone.token_dim,
         vision_embed_dim=vision_backbone.embed_dim,
+        vision_num_tokens=vision_backbone.num_tokens,
         out_dim=language_model.hidden_size,
         **mapper_options,
     )

@@ -6,6 +6,7 @@ and reads either the pooled CLIP embedding or the patch tokens, as its ``source`
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 import torch
@@ -80,14 +81,18 @@ class TransformerMapper(Mapper):
         mlp_ratio: float = 4.0,
         clip_length: int = 10,
         dropout: float = 0.0,
+        num_input_tokens: int | None = None,
     ) -> None:
         super().__init__(prefix_length)
         self.source = source
         self.clip_length = clip_length
         if source == "pooled":
             self.input_proj: nn.Module = nn.Linear(in_dim, clip_length * width)
+            num_input_tokens = clip_length
         else:
             self.input_proj = nn.Linear(in_dim, width)
+        # Attention is blind to order: patch tokens need to say where they sit in the image.
+        self.input_pos = nn.Parameter(torch.randn(num_input_tokens, width) * 0.02) if num_input_tokens else None
         self.queries = nn.Parameter(torch.randn(prefix_length, width) * 0.02)
         layer = nn.TransformerEncoderLayer(
             width,
@@ -106,6 +111,8 @@ class TransformerMapper(Mapper):
         x = self.input_proj(self.select(features))
         if self.source == "pooled":
             x = x.view(x.shape[0], self.clip_length, -1)
+        if self.input_pos is not None:
+            x = x + self.input_pos
         queries = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)
         hidden = self.encoder(torch.cat([x, queries], dim=1))
         return self.output_proj(self.norm(hidden[:, -self.prefix_length :]))
@@ -118,11 +125,21 @@ MAPPERS: dict[str, type[Mapper]] = {
 }
 
 
-def build_mapper(name: str, *, vision_token_dim: int, vision_embed_dim: int, out_dim: int, **options) -> Mapper:
+def build_mapper(
+    name: str,
+    *,
+    vision_token_dim: int,
+    vision_embed_dim: int,
+    out_dim: int,
+    vision_num_tokens: int | None = None,
+    **options,
+) -> Mapper:
     """Builds a registered mapper, choosing its input width from the features it reads."""
     if name not in MAPPERS:
         raise ValueError(f"unknown mapper {name!r}; registered: {', '.join(sorted(MAPPERS))}")
     cls = MAPPERS[name]
     source = options.get("source", cls.source)
     in_dim = vision_token_dim if source == "tokens" else vision_embed_dim
+    if source == "tokens" and "num_input_tokens" in inspect.signature(cls).parameters:
+        options.setdefault("num_input_tokens", vision_num_tokens)
     return cls(in_dim=in_dim, out_dim=out_dim, **options)

@@ -57,11 +57,9 @@ class LanguageModel(FrozenModule):
         use_cache: bool = False,
     ) -> Any:
         """Runs the decoder stack (without the output head); returns the base model's output."""
+        cache = {"past_key_values": past_key_values} if past_key_values is not None else {}
         return self.model.base_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=use_cache, **cache
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

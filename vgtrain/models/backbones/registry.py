@@ -6,9 +6,12 @@ network), a local path given in the config, or ``tiny`` (random init from a seed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,11 +76,26 @@ def _register_tiny_open_clip(arch: dict[str, Any]) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _quiet_root_logger(enabled: bool) -> Iterator[None]:
+    """open_clip warns on the root logger that a model without weights is random: here that is
+    the point (tiny entries), so the warning is muted for that call only."""
+    root = logging.getLogger()
+    level = root.level
+    if enabled:
+        root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def build_vision(
     name: str,
     *,
     pretrained: str | None = None,
     pool_tokens: int = 1,
+    token_pooling: str = "mean",
     trainable: bool = False,
     init_seed: int = 0,
     arch: dict[str, Any] | None = None,
@@ -96,7 +114,7 @@ def build_vision(
         architecture = entry.architecture
     load_from = pretrained or entry.pretrained
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_root_logger(load_from is None):
             torch.manual_seed(init_seed)
             clip, _, preprocess = open_clip.create_model_and_transforms(architecture, pretrained=load_from)
     except (OSError, RuntimeError, ValueError) as error:
@@ -105,7 +123,8 @@ def build_vision(
             "Offline, point model.vision.pretrained at a local open_clip checkpoint file."
         ) from error
     return VisionBackbone(
-        clip.visual, preprocess, name=name, source=str(source), pool_tokens=pool_tokens, trainable=trainable
+        clip.visual, preprocess, name=name, source=str(source), pool_tokens=pool_tokens,
+        token_pooling=token_pooling, trainable=trainable
     )
 
 

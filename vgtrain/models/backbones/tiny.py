@@ -28,7 +28,7 @@ sitting standing holding looking walking playing street room water field sky
 
 
 def tiny_open_clip_config(
-    image_size: int = 64, patch_size: int = 8, width: int = 192, layers: int = 4, embed_dim: int = 128
+    image_size: int = 64, patch_size: int = 8, width: int = 192, layers: int = 2, embed_dim: int = 128
 ) -> dict:
     """An open_clip model config for a small ViT (the text tower is minimal: it is discarded)."""
     return {

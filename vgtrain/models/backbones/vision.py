@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,10 @@ class VisualFeatures:
 class VisionBackbone(FrozenModule):
     """Wraps an open_clip ``VisualTransformer``; ``encode(images)`` returns :class:`VisualFeatures`.
 
-    ``pool_tokens`` average-pools the patch grid by that factor (2 -> 4x fewer tokens), which
-    shortens every attention over the visual memory downstream.
+    ``pool_tokens`` merges each ``pool x pool`` block of the patch grid into one token (2 -> 4x
+    fewer tokens), which shortens every attention over the visual memory downstream.
+    ``token_pooling="mean"`` averages the block; ``"concat"`` stacks it along the channels
+    (space-to-depth), keeping every patch's information at ``pool**2`` times the width.
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class VisionBackbone(FrozenModule):
         name: str,
         source: str,
         pool_tokens: int = 1,
+        token_pooling: str = "mean",
         trainable: bool = False,
     ) -> None:
         super().__init__(trainable=trainable)
@@ -56,11 +60,15 @@ class VisionBackbone(FrozenModule):
         self.transform = transform
         self.name = name
         self.source = source
+        if token_pooling not in ("mean", "concat"):
+            raise ValueError(f"token_pooling must be 'mean' or 'concat', got {token_pooling!r}")
         self.pool_tokens = pool_tokens
+        self.token_pooling = token_pooling
         grid = visual.grid_size
         self.grid_size: tuple[int, int] = (grid[0] // pool_tokens, grid[1] // pool_tokens)
         self.image_size: int = int(visual.image_size[0]) if isinstance(visual.image_size, tuple) else int(visual.image_size)
-        self.token_dim: int = int(visual.transformer.width)
+        width = int(visual.transformer.width)
+        self.token_dim: int = width * pool_tokens**2 if token_pooling == "concat" and pool_tokens > 1 else width
         self.embed_dim: int = int(visual.output_dim)
         self.freeze_if_needed()
 
@@ -75,7 +83,11 @@ class VisionBackbone(FrozenModule):
             b, n, d = tokens.shape
             h, w = self.visual.grid_size
             grid = tokens.transpose(1, 2).reshape(b, d, h, w)
-            tokens = F.avg_pool2d(grid, self.pool_tokens).flatten(2).transpose(1, 2)
+            if self.token_pooling == "mean":
+                grid = F.avg_pool2d(grid, self.pool_tokens)
+            else:
+                grid = F.pixel_unshuffle(grid, self.pool_tokens)
+            tokens = grid.flatten(2).transpose(1, 2)
         return VisualFeatures(tokens=tokens, pooled=pooled)
 
     def describe(self) -> dict[str, Any]:

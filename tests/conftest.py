@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny backbones and tiny shards, all offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No test touches the network: hub lookups fail fast, wandb stays offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_VISION = {"name": "tiny", "pool_tokens": 2, "arch": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "embed_dim": 32}}
+TINY_LLM = {"name": "tiny", "arch": {"width": 64, "layers": 2, "heads": 2}}
+TINY_MAPPER = {"name": "transformer", "prefix_length": 4, "width": 64, "num_layers": 1, "num_heads": 2}
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small shapes dataset (32 px images) shared by the whole session."""
+    from vgtrain.data.synthetic import write_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(
+        root, num_train=256, num_val=64, num_heldout=32, image_size=32, samples_per_shard=128, progress=False
+    )
+    return root
+
+
+@pytest.fixture
+def tiny_model():
+    from vgtrain.models import build_model
+
+    return build_model(dict(TINY_VISION), dict(TINY_LLM), dict(TINY_MAPPER))

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from tests.conftest import TINY_LLM, TINY_VISION
+from vgtrain.models.backbones import BackboneError, build_llm, build_vision
+
+
+def test_tiny_backbones_rebuild_bit_identically():
+    a, b = build_vision(**TINY_VISION), build_vision(**TINY_VISION)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    assert build_llm(**TINY_LLM).describe()["weights_digest"] == build_llm(**TINY_LLM).describe()["weights_digest"]
+    other_seed = build_vision(**{**TINY_VISION, "init_seed": 1})
+    assert other_seed.describe()["weights_digest"] != a.describe()["weights_digest"]
+
+
+def test_vision_features_have_the_advertised_shapes():
+    vision = build_vision(**TINY_VISION)
+    features = vision.encode(torch.randn(3, 3, 32, 32))
+    assert vision.num_tokens == 4  # 4x4 patch grid pooled by 2
+    assert features.tokens.shape == (3, vision.num_tokens, vision.token_dim)
+    assert features.pooled.shape == (3, vision.embed_dim)
+
+
+def test_frozen_backbones_stay_in_eval_mode_without_gradients():
+    vision, llm = build_vision(**TINY_VISION), build_llm(**TINY_LLM)
+    for backbone in (vision, llm):
+        backbone.train()
+        assert not backbone.training
+        assert all(not m.training for m in backbone.modules())
+        assert all(not p.requires_grad for p in backbone.parameters())
+
+
+def test_trainable_llm_trains():
+    llm = build_llm(**TINY_LLM, trainable=True)
+    llm.train()
+    assert llm.training and all(p.requires_grad for p in llm.parameters())
+
+
+def test_unknown_backbone_lists_the_registry():
+    with pytest.raises(BackboneError, match="registered: .*clip_vit_b32"):
+        build_vision("clip_vit_b99")
+    with pytest.raises(BackboneError, match="registered: .*gpt2"):
+        build_llm("gpt5")
+
+
+def test_hub_backbone_offline_fails_with_a_hint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError, match="model.llm.path"):
+        build_llm("gpt2")
+
+
+def test_llm_loads_from_a_local_folder(tmp_path):
+    tiny = build_llm(**TINY_LLM)
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    local = build_llm("gpt2", path=str(tmp_path))
+    assert local.source == str(tmp_path)
+    ids = torch.tensor([[1, 2, 3]])
+    assert torch.equal(local.model(ids).logits, tiny.model(ids).logits)

@@ -1,0 +1,105 @@
+"""Training through Lightning on tiny backbones: what changes, what must not, what is saved."""
+
+import json
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION
+from vgtrain.data.collate import CaptionCollator
+from vgtrain.lit.datamodule import CaptionDataModule
+from vgtrain.lit.module import CaptioningModule, warmup_cosine
+
+
+def _module(**llm_overrides) -> CaptioningModule:
+    return CaptioningModule(
+        vision=dict(TINY_VISION),
+        llm={**TINY_LLM, **llm_overrides},
+        mapper=dict(TINY_MAPPER),
+        optimizer=partial(torch.optim.AdamW, lr=3e-3),
+        scheduler={"warmup_steps": 2, "min_lr_ratio": 0.1},
+    )
+
+
+def _datamodule(module: CaptioningModule, shapes_dir: Path, cache_features: bool) -> CaptionDataModule:
+    patterns = json.loads((shapes_dir / "manifest.json").read_text())["patterns"]
+    collator = CaptionCollator(module.model.llm.tokenizer, prefix_length=module.model.prefix_length)
+    return CaptionDataModule(
+        patterns["train"], patterns["val"], module.model.vision.transform, collator,
+        batch_size=16, val_batch_size=32, num_workers=0, cache_features=cache_features, vision=module.model.vision,
+    )
+
+
+def _fit(module, datamodule, tmp_path: Path, steps: int = 12) -> L.Trainer:
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, val_check_interval=steps, check_val_every_n_epoch=None, limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
+@pytest.mark.parametrize("cache_features", [False, True])
+def test_adapter_trains_while_backbones_stay_bit_identical(shapes_dir, tmp_path, cache_features):
+    module = _module()
+    frozen_before = {k: v.clone() for k, v in module.model.state_dict().items() if not k.startswith("mapper.")}
+    mapper_before = {k: v.clone() for k, v in module.model.mapper.state_dict().items()}
+    _fit(module, _datamodule(module, shapes_dir, cache_features), tmp_path)
+    for key, value in module.model.state_dict().items():
+        if key in frozen_before:
+            assert torch.equal(value, frozen_before[key]), f"frozen tensor changed: {key}"
+    assert any(not torch.equal(v, mapper_before[k]) for k, v in module.model.mapper.state_dict().items())
+    assert not module.model.vision.training and not module.model.llm.training
+
+
+def test_checkpoint_holds_adapter_only_and_reloads(shapes_dir, tmp_path):
+    module = _module()
+    trainer = _fit(module, _datamodule(module, shapes_dir, cache_features=True), tmp_path)
+    path = tmp_path / "adapter.ckpt"
+    trainer.save_checkpoint(path)
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    keys = set(checkpoint["state_dict"])
+    assert keys and all(key.startswith("model.mapper.") for key in keys)
+    backbone_bytes = sum(
+        t.numel() * t.element_size() for t in (*module.model.vision.parameters(), *module.model.llm.parameters())
+    )
+    adapter_bytes = sum(t.numel() * t.element_size() for t in checkpoint["state_dict"].values())
+    assert adapter_bytes < backbone_bytes
+    assert checkpoint["vgtrain"]["vision"]["weights_digest"] == module.model.vision.describe()["weights_digest"]
+
+    restored = CaptioningModule.load_from_checkpoint(path, optimizer=partial(torch.optim.AdamW))
+    for key, value in module.model.state_dict().items():
+        assert torch.equal(value, restored.model.state_dict()[key]), key
+
+
+def test_trainable_llm_is_checkpointed_and_trained(shapes_dir, tmp_path):
+    module = _module(trainable=True)
+    llm_before = {k: v.clone() for k, v in module.model.llm.state_dict().items()}
+    trainer = _fit(module, _datamodule(module, shapes_dir, cache_features=True), tmp_path, steps=4)
+    assert any(not torch.equal(v, llm_before[k]) for k, v in module.model.llm.state_dict().items())
+    trainer.save_checkpoint(tmp_path / "full.ckpt")
+    keys = torch.load(tmp_path / "full.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("model.llm.") for k in keys)
+    assert not any(k.startswith("model.vision.") for k in keys)
+
+
+def test_checkpoint_from_another_vision_backbone_is_refused(shapes_dir, tmp_path):
+    module = _module()
+    trainer = _fit(module, _datamodule(module, shapes_dir, cache_features=True), tmp_path, steps=2)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    with pytest.raises(ValueError, match="weights_digest"):
+        CaptioningModule.load_from_checkpoint(
+            tmp_path / "a.ckpt", optimizer=partial(torch.optim.AdamW), vision={**TINY_VISION, "init_seed": 7}
+        )
+
+
+def test_warmup_then_cosine_schedule():
+    values = [warmup_cosine(s, warmup_steps=10, total_steps=110, min_lr_ratio=0.1) for s in range(111)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
