@@ -103,3 +103,24 @@ def test_warmup_then_cosine_schedule():
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert values[110] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
+
+
+def test_checkpoint_with_another_adapter_shape_is_refused(shapes_dir, tmp_path):
+    module = _module()
+    trainer = _fit(module, _datamodule(module, shapes_dir, cache_features=True), tmp_path, steps=2)
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    with pytest.raises(RuntimeError, match="mapper"):
+        CaptioningModule.load_from_checkpoint(
+            tmp_path / "a.ckpt", optimizer=partial(torch.optim.AdamW), mapper={**TINY_MAPPER, "width": 32}
+        )
+
+
+def test_bf16_mixed_precision_trains_on_cpu(shapes_dir, tmp_path):
+    module = _module()
+    trainer = L.Trainer(
+        max_steps=3, accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=_datamodule(module, shapes_dir, cache_features=True))
+    loss = trainer.callback_metrics["train/loss"]
+    assert torch.isfinite(loss) and module.model.mapper.output_proj.weight.dtype == torch.float32

@@ -41,8 +41,6 @@ class CaptioningModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_options = scheduler
         self.prompt = prompt
-        # Checkpoints omit frozen backbone tensors, so loading must accept their absence.
-        self.strict_loading = False
 
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         features = None
@@ -103,14 +101,19 @@ class CaptioningModule(L.LightningModule):
         return self._backbone_facts
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("vgtrain", {}).get("vision")
-        if saved is None:
-            return
-        current = self.backbone_facts()["vision"]
-        for key in ("name", "token_dim", "embed_dim", "weights_digest"):
-            if saved.get(key) != current.get(key):
-                raise ValueError(
-                    f"checkpoint was trained with vision backbone {saved.get('name')!r} "
-                    f"({key}={saved.get(key)!r}) but the config builds {current.get('name')!r} "
-                    f"({key}={current.get(key)!r})"
-                )
+        """Refuses a checkpoint from other backbones, then supplies the frozen tensors it omits
+        so that loading stays strict: a missing or misshapen adapter tensor is an error."""
+        saved = checkpoint.get("vgtrain", {})
+        current = self.backbone_facts()
+        for part, keys in (("vision", ("name", "token_dim", "embed_dim", "weights_digest")),
+                           ("llm", ("name", "hidden_size", "vocab_size", "weights_digest"))):
+            for key in keys:
+                if key in saved.get(part, {}) and key in current[part] and saved[part][key] != current[part][key]:
+                    raise ValueError(
+                        f"checkpoint was trained with {part} backbone {saved[part].get('name')!r} "
+                        f"({key}={saved[part][key]!r}) but the config builds {current[part]['name']!r} "
+                        f"({key}={current[part][key]!r})"
+                    )
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            state.setdefault(key, value)

@@ -88,6 +88,13 @@ class VisualPrefixLM(nn.Module):
         return [(name, p) for name, p in self.named_parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors a checkpoint holds: adapters, and the LLM only when it is trained."""
-        names = {name for name, _ in self.trainable_named_parameters()}
-        return {k: v for k, v in self.state_dict().items() if k in names}
+        """The tensors a checkpoint holds: adapters, and the LLM only when it is trained.
+
+        Tied weights keep every name (GPT-2's ``lm_head.weight`` is ``wte.weight``), so loading
+        cannot overwrite a trained tensor with a stale alias.
+        """
+        return {
+            key: value.detach()
+            for key, value in self.state_dict(keep_vars=True).items()
+            if isinstance(value, nn.Parameter) and value.requires_grad
+        }
