@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from vgtrain.paths import CONF_DIR
 
-GROUPS = ["model/vision", "model/llm", "model/mapper", "data", "trainer", "callbacks", "logger", "experiment"]
+GROUPS = ["model/vision", "model/llm", "model/mapper", "model/xattn", "data", "trainer", "callbacks", "logger", "experiment"]
 
 
 def _options(group: str) -> list[str]:
@@ -28,7 +28,7 @@ CASES = [(group, option) for group in GROUPS for option in _options(group)]
 @pytest.mark.parametrize("group,option", CASES, ids=[f"{g}={o}" for g, o in CASES])
 def test_every_config_option_composes(group, option):
     cfg = _compose([f"{group}={option}"])
-    assert cfg.model.vision.name and cfg.model.llm.name and cfg.model.mapper.name
+    assert cfg.model.vision.name and cfg.model.llm.name and cfg.model.mapper.name and cfg.model.xattn.name
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
     # Interpolations that do not need a running Hydra job resolve.
     OmegaConf.to_container(cfg.model, resolve=True)
@@ -49,3 +49,11 @@ def test_demo_is_the_default_experiment():
 def test_a_typo_in_an_override_fails_fast():
     with pytest.raises(Exception, match="max_stepz"):
         _compose(["trainer.max_stepz=5"])
+
+
+def test_xattn_demo_composes_both_routes():
+    cfg = _compose(["experiment=demo_xattn"])
+    assert cfg.model.mapper.name == "none" and cfg.model.xattn.name == "gated"
+    assert cfg.model.llm.trainable is True  # inherited from the demo
+    both = _compose(["experiment=demo_prefix_xattn"])
+    assert both.model.mapper.name == "transformer" and both.model.xattn.name == "gated"

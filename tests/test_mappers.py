@@ -6,6 +6,7 @@ from vgtrain.models.mapper import MAPPERS, build_mapper
 
 
 @pytest.mark.parametrize("name,options", [
+    ("perceiver", {"width": 32, "num_layers": 1, "num_heads": 2, "num_input_tokens": 9}),
     ("linear", {}),
     ("mlp", {}),
     ("mlp", {"hidden_dim": 32}),

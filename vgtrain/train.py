@@ -51,6 +51,7 @@ def build_module(cfg: DictConfig) -> CaptioningModule:
         optimizer=instantiate(cfg.model.optimizer),
         scheduler=container["scheduler"],
         prompt=container["prompt"],
+        xattn=container.get("xattn"),
     )
 
 

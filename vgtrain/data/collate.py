@@ -7,11 +7,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from vgtrain.models.prefix_lm import prompt_token_ids
+
 IGNORE_INDEX = -100
 
 
 class CaptionCollator:
-    """Tokenises captions after a fixed prompt, appends EOS, right-pads.
+    """Tokenises captions after a fixed prompt (see ``prompt_token_ids``), appends EOS, right-pads.
 
     ``labels`` spans ``prefix_length + text_length`` positions and is ``IGNORE_INDEX`` on the
     visual prefix, the prompt and padding: the loss sees caption tokens and EOS only.
@@ -29,7 +31,7 @@ class CaptionCollator:
         self.tokenizer = tokenizer
         self.prefix_length = prefix_length
         self.prompt = prompt
-        self.prompt_ids: list[int] = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+        self.prompt_ids = prompt_token_ids(tokenizer, prompt, prefix_length)
         self.max_caption_tokens = max_caption_tokens
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -34,10 +34,11 @@ class CaptioningModule(L.LightningModule):
         optimizer: partial,
         scheduler: dict[str, Any],
         prompt: str = "",
+        xattn: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
-        self.model: VisualPrefixLM = build_model(vision, llm, mapper)
+        self.model: VisualPrefixLM = build_model(vision, llm, mapper, xattn)
         self.optimizer_factory = optimizer
         self.scheduler_options = scheduler
         self.prompt = prompt

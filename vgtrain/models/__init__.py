@@ -1,28 +1,61 @@
-"""Pure-torch models: backbones (+registry), mappers and the composed visual-prefix LM."""
+"""Pure-torch models: backbones (+registry), mappers, cross-attention and the composed model."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from vgtrain.models.backbones import build_llm, build_vision
+from vgtrain.models.backbones import LanguageModel, VisionBackbone, build_llm, build_vision
 from vgtrain.models.mapper import build_mapper
 from vgtrain.models.prefix_lm import VisualPrefixLM
+from vgtrain.models.resampler import PerceiverResampler
+from vgtrain.models.xattn import CrossAttentionAdapter
 
 
-def build_model(vision: dict[str, Any], llm: dict[str, Any], mapper: dict[str, Any]) -> VisualPrefixLM:
-    """Builds backbones from their registry names, then sizes the mapper from them."""
+def build_model(
+    vision: dict[str, Any],
+    llm: dict[str, Any],
+    mapper: dict[str, Any] | None,
+    xattn: dict[str, Any] | None = None,
+) -> VisualPrefixLM:
+    """Builds backbones from their registry names, then sizes the adapters from them.
+
+    ``mapper`` or ``xattn`` may be None (or ``{"name": "none"}``) to leave that route out.
+    """
     vision_backbone = build_vision(**vision)
     language_model = build_llm(**llm)
-    mapper_options = dict(mapper)
-    adapter = build_mapper(
-        mapper_options.pop("name"),
-        vision_token_dim=vision_backbone.token_dim,
-        vision_embed_dim=vision_backbone.embed_dim,
-        vision_num_tokens=vision_backbone.num_tokens,
-        out_dim=language_model.hidden_size,
-        **mapper_options,
-    )
-    return VisualPrefixLM(vision_backbone, language_model, adapter)
+    prefix_mapper = None
+    if mapper and mapper.get("name", "none") != "none":
+        mapper_options = dict(mapper)
+        prefix_mapper = build_mapper(
+            mapper_options.pop("name"),
+            vision_token_dim=vision_backbone.token_dim,
+            vision_embed_dim=vision_backbone.embed_dim,
+            vision_num_tokens=vision_backbone.num_tokens,
+            out_dim=language_model.hidden_size,
+            **mapper_options,
+        )
+    cross_attention, memory = None, None
+    if xattn and xattn.get("name", "none") != "none":
+        cross_attention, memory = build_cross_attention(xattn, vision_backbone, language_model)
+    return VisualPrefixLM(vision_backbone, language_model, prefix_mapper, cross_attention, memory)
 
 
-__all__ = ["VisualPrefixLM", "build_model"]
+def build_cross_attention(
+    options: dict[str, Any], vision: VisionBackbone, llm: LanguageModel
+) -> tuple[CrossAttentionAdapter, PerceiverResampler | None]:
+    """Gated cross-attention over the patch tokens, or over a perceiver resampler's latents."""
+    options = dict(options)
+    name = options.pop("name")
+    if name != "gated":
+        raise ValueError(f"unknown cross-attention kind {name!r}; registered: gated, none")
+    resampler_options = options.pop("resampler", None)
+    resampler = None
+    memory_dim = vision.token_dim
+    if resampler_options:
+        resampler = PerceiverResampler(vision.token_dim, num_input_tokens=vision.num_tokens, **resampler_options)
+        memory_dim = resampler.width
+    adapter = CrossAttentionAdapter(llm.model, llm.hidden_size, memory_dim, **options)
+    return adapter, resampler
+
+
+__all__ = ["VisualPrefixLM", "build_cross_attention", "build_model"]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vgtrain.models.backbones.vision import VisualFeatures
+from vgtrain.models.resampler import PerceiverResampler
 
 Source = Literal["pooled", "tokens"]
 
@@ -118,10 +119,38 @@ class TransformerMapper(Mapper):
         return self.output_proj(self.norm(hidden[:, -self.prefix_length :]))
 
 
+class PerceiverMapper(Mapper):
+    """A perceiver resampler over the patch tokens whose latents, projected into the LLM's
+    input space, are the prefix (``prefix_length`` = number of latents)."""
+
+    source: Source = "tokens"
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        prefix_length: int = 16,
+        width: int = 256,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        ff_mult: int = 2,
+        num_input_tokens: int | None = None,
+    ) -> None:
+        super().__init__(prefix_length)
+        self.resampler = PerceiverResampler(
+            in_dim, width, prefix_length, num_layers, num_heads, ff_mult, num_input_tokens=num_input_tokens
+        )
+        self.output_proj = nn.Linear(width, out_dim)
+
+    def forward(self, features: VisualFeatures) -> torch.Tensor:
+        return self.output_proj(self.resampler(features.tokens))
+
+
 MAPPERS: dict[str, type[Mapper]] = {
     "linear": LinearMapper,
     "mlp": MLPMapper,
     "transformer": TransformerMapper,
+    "perceiver": PerceiverMapper,
 }
 
 

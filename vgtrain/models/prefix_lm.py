@@ -1,18 +1,35 @@
-"""The composed model: frozen vision -> mapper -> prefix ; frozen LLM -> loss on caption tokens."""
+"""The composed model: frozen vision -> mapper -> prefix and/or gated cross-attention memory ->
+frozen LLM -> loss on caption tokens."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from vgtrain.models.backbones.llm import LanguageModel
 from vgtrain.models.backbones.vision import VisionBackbone, VisualFeatures
 from vgtrain.models.mapper import Mapper
+from vgtrain.models.xattn import CrossAttentionAdapter
 
 IGNORE_INDEX = -100
+
+
+def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, prefix_length: int) -> list[int]:
+    """The tokens between the visual prefix and the caption. Without a prefix the sequence
+    starts with BOS (EOS where there is none, as GPT-2 does), so even the first caption token is
+    predicted from a position that can attend to the image through cross-attention."""
+    ids: list[int] = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+    if prefix_length == 0:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [start, *ids]
+    return ids
 
 
 @dataclass
@@ -23,22 +40,49 @@ class PrefixLMOutput:
 
 
 class VisualPrefixLM(nn.Module):
-    """p(y_t | y_<t, I): the mapper's prefix P is prepended to the embedded prompt and caption.
+    """p(y_t | y_<t, I) through two routes, either or both:
+
+    - prefix (ClipCap/LLaVA): the mapper's prefix P is prepended to the embedded prompt and caption;
+    - cross-attention (Flamingo): gated blocks in the LLM attend over a visual memory (the patch
+      tokens, or a perceiver resampler's latents).
 
     Sequence layout (the collator builds labels for the same layout):
     ``[P_1..P_K][prompt tokens][caption tokens][EOS][pad...]``; only caption tokens and EOS carry
-    loss.
+    loss. Without a prefix, the prompt starts with a BOS token so the first word has a context.
     """
 
-    def __init__(self, vision: VisionBackbone, llm: LanguageModel, mapper: Mapper) -> None:
+    def __init__(
+        self,
+        vision: VisionBackbone,
+        llm: LanguageModel,
+        mapper: Mapper | None,
+        xattn: CrossAttentionAdapter | None = None,
+        memory: nn.Module | None = None,
+    ) -> None:
         super().__init__()
+        if mapper is None and xattn is None:
+            raise ValueError("the model needs a mapper (prefix), cross-attention layers, or both")
         self.vision = vision
         self.llm = llm
         self.mapper = mapper
+        self.xattn = xattn
+        self.memory = memory  # features -> cross-attention memory; None: the patch tokens as they are
 
     @property
     def prefix_length(self) -> int:
-        return self.mapper.prefix_length
+        return self.mapper.prefix_length if self.mapper is not None else 0
+
+    def visual_memory(self, features: VisualFeatures) -> torch.Tensor:
+        return self.memory(features.tokens) if self.memory is not None else features.tokens
+
+    @contextlib.contextmanager
+    def visual_context(self, features: VisualFeatures) -> Iterator[None]:
+        """Binds the cross-attention memory for every LLM call inside (forward or ``generate``)."""
+        if self.xattn is None:
+            yield
+            return
+        with self.xattn.bind(self.visual_memory(features)):
+            yield
 
     def features(
         self, pixel_values: torch.Tensor | None = None, features: VisualFeatures | None = None
@@ -53,8 +97,10 @@ class VisualPrefixLM(nn.Module):
     def input_embeddings(
         self, features: VisualFeatures, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        prefix = self.mapper(features)
         text = self.llm.embed(input_ids)
+        if self.mapper is None:
+            return text, attention_mask
+        prefix = self.mapper(features)
         embeds = torch.cat([prefix.to(text.dtype), text], dim=1)
         prefix_mask = attention_mask.new_ones(prefix.shape[:2])
         return embeds, torch.cat([prefix_mask, attention_mask], dim=1)
@@ -73,8 +119,10 @@ class VisualPrefixLM(nn.Module):
                 f"labels cover {labels.shape[1]} positions but prefix + text is {expected}; "
                 "the collator's prefix_length must equal the mapper's"
             )
-        embeds, mask = self.input_embeddings(self.features(pixel_values, features), input_ids, attention_mask)
-        hidden = self.llm(embeds, mask).last_hidden_state
+        features = self.features(pixel_values, features)
+        embeds, mask = self.input_embeddings(features, input_ids, attention_mask)
+        with self.visual_context(features):
+            hidden = self.llm(embeds, mask).last_hidden_state
         # Position t predicts token t+1; apply the output head only where a target exists.
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
