@@ -3,10 +3,9 @@ frozen LLM -> loss on caption tokens."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
