@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+from collections.abc import Iterator
+
+from vgtrain.errors import Preempted, UserExit, explain
 
 COMMANDS = {
     "train": "train an adapter (Hydra overrides follow, e.g. trainer.max_steps=50 model/mapper=mlp)",
+    "export": "export a checkpoint's adapter: vgtrain export CKPT OUT_DIR [--bundle-backbones]",
+    "caption": "caption images with an export: vgtrain caption --export DIR IMG... [--strategy beam]",
 }
 
 USAGE = "usage: vgtrain <command> [args]\n\ncommands:\n" + "\n".join(
     f"  {name:<8} {summary}" for name, summary in COMMANDS.items()
-) + "\n\n`vgtrain <command> --help` shows a command's options."
+) + (
+    "\n\n`vgtrain <command> --help` shows a command's options. Errors print as one line;\n"
+    "`--verbose` (or HYDRA_FULL_ERROR=1) shows the full traceback."
+)
+
+
+@contextlib.contextmanager
+def _errors_raised() -> Iterator[None]:
+    """Makes Hydra re-raise errors instead of printing its abbreviated traceback and exiting, so
+    that main() decides: one line for an error the user can act on, the traceback otherwise."""
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,12 +47,38 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"vgtrain: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
+    verbose = "--verbose" in rest or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    rest = [arg for arg in rest if arg != "--verbose"]
     # Hydra reads sys.argv itself; hand it the command's own arguments.
     sys.argv = [f"vgtrain {command}", *rest]
-    if command == "train":
-        from vgtrain.train import main as train_main
+    try:
+        with _errors_raised():
+            if command == "train":
+                from vgtrain.train import main as train_main
 
-        train_main()
+                train_main()
+            elif command == "export":
+                from vgtrain.export import main as export_main
+
+                return export_main(rest)
+            elif command == "caption":
+                from vgtrain.decode.cli import main as caption_main
+
+                return caption_main(rest)
+    except UserExit as failed:  # a user error raised inside a Hydra job (see UserExit)
+        if verbose:
+            raise failed.error from None
+        print(f"vgtrain {command}: {failed.code} (--verbose shows the traceback)", file=sys.stderr)
+        return 1
+    except Preempted as stop:  # a checkpoint was written on SIGTERM/SIGUSR1: say where, exit 128+signal
+        print(f"vgtrain {command}: {stop.message}", file=sys.stderr)
+        return int(stop.code)
+    except Exception as error:
+        message = None if verbose else explain(error)
+        if message is None:  # asked for, or unexpected (a bug): the full traceback
+            raise
+        print(f"vgtrain {command}: error: {message} (--verbose shows the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -13,14 +15,29 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vgtrain.data.collate import CaptionCollator
+from vgtrain.data.pipeline import expand_urls
 from vgtrain.data.shards import atomic_write_text
 from vgtrain.data.synthetic import write_shapes_dataset
+from vgtrain.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    OutOfMemory,
+    Preempted,
+    ShardNotFoundError,
+    UserExit,
+    explain,
+    is_out_of_memory,
+    oom_knobs,
+)
 from vgtrain.evaluation import evaluate_captions, format_examples
+from vgtrain.lit.checkpointing import resolve_resume
 from vgtrain.lit.datamodule import CaptionDataModule
 from vgtrain.lit.module import CaptioningModule
+from vgtrain.lit.recovery import PreemptionCheckpoint
 from vgtrain.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -118,13 +135,67 @@ def print_metrics(metrics: dict[str, float]) -> None:
         print(f"{key:<30} {value:>8.4f}" if isinstance(value, float) else f"{key:<30} {value}")
 
 
+def check_data_urls(cfg: DictConfig) -> None:
+    """Fails before any model is built when a shard is missing or a pattern is empty."""
+    for split in ("train", "val"):
+        urls = None if OmegaConf.is_missing(cfg.data, f"{split}_urls") else cfg.data.get(f"{split}_urls")
+        if split == "train" and urls is None:
+            raise ConfigError(
+                "data.train_urls is not set; give the training shards, e.g. "
+                "data.train_urls='/data/train-{000000..000031}.tar' (or use data=shapes)"
+            )
+        if urls is not None:
+            try:
+                expand_urls(urls)
+            except ShardNotFoundError as error:
+                raise ShardNotFoundError(f"data.{split}_urls: {error}") from None
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path, module: CaptioningModule) -> Path | None:
+    """The checkpoint ``resume`` (or its alias ``ckpt_path``) names, checked against the model."""
+    resume, alias = cfg.get("resume"), cfg.get("ckpt_path")
+    if resume and alias and str(resume) != str(alias):
+        raise ConfigError(f"resume={resume} and ckpt_path={alias} disagree; ckpt_path is an alias, set resume only")
+    found = resolve_resume(resume or alias, run_dir)
+    if found is None:
+        return None
+    path, checkpoint = found
+    try:
+        module.check_checkpoint(checkpoint)
+    except CheckpointMismatchError as error:
+        raise CheckpointMismatchError(f"{path}: {error}") from None
+    log.info("resuming from %s (step %d)", path, checkpoint["global_step"])
+    return path
+
+
+def fit(cfg: DictConfig, trainer: L.Trainer, module: CaptioningModule, datamodule: CaptionDataModule,
+        ckpt_path: Path | None) -> None:
+    """``trainer.fit`` that loads the checkpoint weights-only and turns a SIGTERM stop and
+    out-of-memory into errors that say what happened and what to change."""
+    safe = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, **safe)
+    except SIGTERMException as stop:  # SIGTERM noticed by Lightning's loop, after our batch check
+        saver = next((cb for cb in trainer.callbacks if isinstance(cb, PreemptionCheckpoint)), None)
+        raise Preempted(signal.SIGTERM, (saver and saver.message) or "stopped by SIGTERM") from stop
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        settings = ", ".join(f"{key}={OmegaConf.select(cfg, key)}" for key in (
+            "data.batch_size", "trainer.accumulate_grad_batches", "trainer.precision", "data.cache_features"))
+        knobs = oom_knobs(bool(cfg.data.get("cache_features")))
+        raise OutOfMemory(f"out of memory with {settings}: {knobs}") from error
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     started = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     prepare_synthetic_data(cfg)
+    check_data_urls(cfg)
 
     module = build_module(cfg)
+    resume_path = resume_checkpoint(cfg, run_dir, module)
     datamodule = build_datamodule(cfg, module)
     module.model.llm.tokenizer.save_pretrained(run_dir / "tokenizer")
     loggers = instantiate_group(cfg.get("logger"))
@@ -132,7 +203,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit(cfg, trainer, module, datamodule, ckpt_path=resume_path)
 
     metrics: dict[str, float] = {
         key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1
@@ -156,5 +227,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run(cfg)
+    try:
+        metrics = run(cfg)
+    except Exception as error:
+        message = explain(error)
+        if message is None:  # unexpected: Hydra reports it with the traceback
+            raise
+        raise UserExit(error, message) from error
     return metrics.get("val/loss")

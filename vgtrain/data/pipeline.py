@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 from vgtrain.data.collate import CaptionCollator
+from vgtrain.errors import ShardNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +52,41 @@ class SkipCounter:
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
-    """Brace-expands ``urls`` (``::``-separated lists allowed) and checks local shards exist."""
-    patterns = urls.split("::") if isinstance(urls, str) else list(urls)
+    """Brace-expands ``urls`` (``::``-separated lists allowed) and checks local shards exist.
+
+    Only the expanded URLs are ever opened: tar members are read into memory, never extracted,
+    and WebDataset skips links and other non-regular members, so a shard cannot make the
+    pipeline read a path outside this list.
+    """
+    patterns = urls.split("::") if isinstance(urls, str) else list(urls or [])
+    patterns = [pattern.strip() for pattern in patterns if pattern and pattern.strip()]
     expanded = [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
     if not expanded:
-        raise FileNotFoundError(f"no shards in {urls!r}")
+        raise ShardNotFoundError(f"no shards: the shard pattern {urls!r} is empty")
     local = [url for url in expanded if "://" not in url and not url.startswith("pipe:")]
     missing = [url for url in local if not Path(url).is_file()]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise FileNotFoundError(f"shard not found: {', '.join(missing[:3])}{more} (from {urls!r})")
+        raise ShardNotFoundError(f"shard not found: {', '.join(missing[:3])}{more} (from {urls!r})")
     return expanded
+
+
+def stream_seed(seed: int, resume_step: int) -> int:
+    """Seed of the resampled training stream: a resumed run gets a fresh one, so it does not
+    replay the shard and sample order the run already trained on before the interruption."""
+    return seed if resume_step == 0 else wds.utils.make_seed(seed, resume_step)
+
+
+class WorkerShuffle:
+    """Buffered sample shuffle seeded by (rank, worker, seed): reproducible for a given seed,
+    and different in every DataLoader worker and rank (each reads different shards anyway)."""
+
+    def __init__(self, bufsize: int, initial: int, seed: int) -> None:
+        self.bufsize, self.initial, self.seed = bufsize, initial, seed
+
+    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rng = random.Random(wds.utils.make_seed(wds.utils.pytorch_worker_seed(), self.seed))
+        return wds.filters.shuffle(self.bufsize, self.initial, rng=rng)(samples)
 
 
 class SampleDecoder:
@@ -145,7 +171,7 @@ def caption_dataset(
         stages = [wds.SimpleShardList(shard_list), wds.split_by_node, wds.split_by_worker]
     stages.append(wds.tarfile_to_samples(handler=counter.tar_error))
     if train and shuffle_buffer > 1:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100)))
+        stages.append(WorkerShuffle(shuffle_buffer, min(shuffle_buffer, 100), seed))
     stages.append(wds.map(SampleDecoder(transform, counter)))
     stages.append(CountingBatcher(batch_size, collate, counter, partial=not train))
     return wds.DataPipeline(*stages)

@@ -1,4 +1,4 @@
-"""Callbacks: throughput, skipped-sample accounting, parameter counts at start."""
+"""Callbacks: throughput, skipped-sample accounting, parameter counts at start, non-finite guard."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from collections import Counter
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
+
+from vgtrain.errors import NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +64,74 @@ class TrainingStats(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.skipped:
             rank_zero_info(f"skipped samples by reason: {dict(self.skipped)}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": dict(self.skipped)}  # counts survive a resume
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = Counter(state_dict.get("skipped", {}))
+
+
+class NonFiniteGuard(L.Callback):
+    """Skips optimizer steps whose loss or gradients are not finite, and counts them.
+
+    The loss is checked before backward and the gradients just before the optimizer step (after
+    any unscaling, before clipping). A bad step has its gradients set to None, which makes the
+    optimizer leave parameters and moments untouched; the schedule still advances, like for any
+    step. ``train/skipped_nonfinite`` is the running count. More than ``max_consecutive`` bad
+    steps in a row raise :class:`~vgtrain.errors.NonFiniteError` naming the step and batch keys.
+    """
+
+    def __init__(self, max_consecutive: int = 5) -> None:
+        self.max_consecutive = max_consecutive
+        self.skipped = 0
+        self.consecutive = 0
+        self._loss_ok: torch.Tensor | None = None  # on device: read once per step, not per micro-batch
+        self._keys: list[str] = []  # of the micro-batches accumulated into the coming step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if isinstance(batch, dict):
+            self._keys.extend(str(key) for key in batch.get("keys") or [])
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach()).all()
+        self._loss_ok = finite if self._loss_ok is None else self._loss_ok & finite
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        checks = [torch.isfinite(p.grad).all() for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]
+        if self._loss_ok is not None:
+            checks.append(self._loss_ok.to(checks[0].device) if checks else self._loss_ok)
+        finite = bool(torch.stack(checks).all()) if checks else True  # one device sync per step
+        # Gradients are already all-reduced; the loss check is per rank, so agree on it.
+        bad = trainer.strategy.reduce_boolean_decision(not finite, all=False)
+        keys, self._keys, self._loss_ok = self._keys, [], None
+        if not bad:
+            self.consecutive = 0
+            return
+        optimizer.zero_grad(set_to_none=True)
+        self.skipped += 1
+        self.consecutive += 1
+        shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+        if self.consecutive > self.max_consecutive:
+            raise NonFiniteError(
+                f"stopping at step {trainer.global_step}: {self.consecutive} consecutive steps with a non-finite "
+                f"loss or gradient (more than train.max_consecutive_nonfinite={self.max_consecutive}); "
+                f"last batch keys: {shown or 'unknown'}"
+            )
+        log.warning("step %d: non-finite loss or gradient, optimizer step skipped (batch keys: %s)",
+                    trainer.global_step, shown or "unknown")
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        pl_module.log("train/skipped_nonfinite", float(self.skipped), on_step=True, on_epoch=False)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+        self.consecutive = int(state_dict.get("consecutive", 0))

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.feature_cache import CachedFeatures, compute_features
-from vgtrain.data.pipeline import caption_dataset
+from vgtrain.data.pipeline import caption_dataset, stream_seed
+from vgtrain.lit.resumable import ResumableDataLoader, ResumableSampler
 from vgtrain.models.backbones.vision import VisionBackbone
 
 log = logging.getLogger(__name__)
@@ -21,10 +22,11 @@ log = logging.getLogger(__name__)
 
 class CaptionDataModule(L.LightningDataModule):
     """Trains on resampled shards (an endless stream: the run's length is ``trainer.max_steps``)
-    and validates on each validation shard once.
+    and validates on each validation shard once. A resumed run reseeds the stream from its step.
 
     With ``cache_features`` the training split is read once, passed through the frozen
-    ``vision`` tower, and training samples shuffled batches of those features from memory.
+    ``vision`` tower, and training samples shuffled batches of those features from memory, in an
+    order fixed by (seed, epoch) that a resumed run picks up at the batch where it stopped.
     """
 
     def __init__(
@@ -64,8 +66,9 @@ class CaptionDataModule(L.LightningDataModule):
             )
             log.info("cached features of %d training samples", len(self.train_cache))
 
-    def loader(self, urls: str, *, train: bool) -> DataLoader:
+    def loader(self, urls: str, *, train: bool, seed: int | None = None) -> DataLoader:
         """Shard stream -> batches. ``train``: resampled forever and shuffled; else each shard once."""
+        seed = self.seed if seed is None else seed
         dataset = caption_dataset(
             urls,
             transform=self.transform,
@@ -73,7 +76,7 @@ class CaptionDataModule(L.LightningDataModule):
             batch_size=self.batch_size if train else self.val_batch_size,
             train=train,
             shuffle_buffer=self.shuffle_buffer,
-            seed=self.seed,
+            seed=seed,
         )
         return DataLoader(
             dataset,
@@ -81,18 +84,30 @@ class CaptionDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=train and self.num_workers > 0,
             prefetch_factor=4 if self.num_workers > 0 else None,
+            # Its own generator: starting an iterator (every validation) must not draw on the
+            # global RNG, or a resumed run's dropout masks would drift from an uninterrupted one's.
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        resume_step = trainer.global_step if trainer is not None else 0
         if self.train_cache is None:
-            return self.loader(self.train_urls, train=True)
-        return DataLoader(
+            # Resampled stream: a resumed run continues with a fresh seed rather than replaying.
+            return self.loader(self.train_urls, train=True, seed=stream_seed(self.seed, resume_step))
+        sampler = ResumableSampler(
+            self.train_cache,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            seed=self.seed,
+        )
+        return ResumableDataLoader(
             self.train_cache,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=True,
-            collate_fn=_ReportOnce(self.collator, self.train_cache.skipped),
-            generator=torch.Generator().manual_seed(self.seed),
+            # Skips met while caching were counted before an interruption; the restored counts hold them.
+            collate_fn=_ReportOnce(self.collator, self.train_cache.skipped if resume_step == 0 else {}),
         )
 
     def val_dataloader(self) -> DataLoader | list[Any]:

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from vgtrain.errors import CheckpointMismatchError
 from vgtrain.models import VisualPrefixLM, build_model
 from vgtrain.models.backbones.vision import VisualFeatures
 
@@ -101,20 +102,37 @@ class CaptioningModule(L.LightningModule):
             self._backbone_facts = {"vision": self.model.vision.describe(), "llm": llm}
         return self._backbone_facts
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuses a checkpoint from other backbones, then supplies the frozen tensors it omits
-        so that loading stays strict: a missing or misshapen adapter tensor is an error."""
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Raises :class:`CheckpointMismatchError` (one line, naming the first offending backbone
+        fact or tensor) unless ``checkpoint`` was trained with these backbones and adapter shapes."""
         saved = checkpoint.get("vgtrain", {})
         current = self.backbone_facts()
         for part, keys in (("vision", ("name", "token_dim", "embed_dim", "weights_digest")),
                            ("llm", ("name", "hidden_size", "vocab_size", "weights_digest"))):
             for key in keys:
                 if key in saved.get(part, {}) and key in current[part] and saved[part][key] != current[part][key]:
-                    raise ValueError(
+                    raise CheckpointMismatchError(
                         f"checkpoint was trained with {part} backbone {saved[part].get('name')!r} "
                         f"({key}={saved[part][key]!r}) but the config builds {current[part]['name']!r} "
-                        f"({key}={current[part][key]!r})"
+                        f"({key}={current[part][key]!r}); use the model.{part} config it was trained with"
                     )
+        state, expected = checkpoint["state_dict"], self.state_dict()
+        trainable = {f"model.{name}" for name in self.model.trainable_state_dict()}
+        problems = [f"{key} is {list(value.shape)} in the checkpoint but {list(expected[key].shape)} here"
+                    for key, value in state.items() if key in expected and value.shape != expected[key].shape]
+        problems += [f"{key} is in the checkpoint but not in this model" for key in state if key not in expected]
+        problems += [f"{key} is missing from the checkpoint" for key in sorted(trainable - set(state))]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise CheckpointMismatchError(
+                f"checkpoint does not fit the adapter this config builds: {problems[0]}{more}; "
+                "use the model.mapper/model.xattn settings it was trained with"
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses a checkpoint from other backbones or adapter shapes, then supplies the frozen
+        tensors it omits so that loading stays strict."""
+        self.check_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         for key, value in self.state_dict().items():
             state.setdefault(key, value)

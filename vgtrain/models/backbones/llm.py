@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from vgtrain.errors import TokenizerError
 from vgtrain.models.backbones.frozen import FrozenModule
 from vgtrain.models.backbones.vision import weights_digest
 
@@ -30,7 +31,10 @@ class LanguageModel(FrozenModule):
     ) -> None:
         super().__init__(trainable=trainable)
         if tokenizer.eos_token_id is None:
-            raise ValueError(f"LLM {name!r}: tokenizer from {source} has no EOS token; captions need one to stop")
+            raise TokenizerError(
+                f"LLM {name!r}: the tokenizer from {source} has no EOS token and captions need one to stop; "
+                "use a tokenizer that defines eos_token (set model.llm.path to a folder whose tokenizer does)"
+            )
         if tokenizer.pad_token_id is None:
             # Padding positions are masked out of attention and loss, so EOS is a safe pad.
             tokenizer.pad_token = tokenizer.eos_token
