@@ -1,5 +1,19 @@
-"""Decoding with a visual-prefix LM (strategies build on transformers' ``generate``)."""
+"""Decoding with a visual-prefix LM: strategies (greedy, beam, sample on transformers' ``generate``;
+MAGIC by hand) and the standalone decoder that loads an export."""
 
+from vgtrain.decode.base import Candidate, DecodeInputs, Decoding, Strategy
+from vgtrain.decode.decoder import Result, VisualDecoder
 from vgtrain.decode.generate import generate_captions
+from vgtrain.decode.strategies import STRATEGIES, get_strategy
 
-__all__ = ["generate_captions"]
+__all__ = [
+    "STRATEGIES",
+    "Candidate",
+    "DecodeInputs",
+    "Decoding",
+    "Result",
+    "Strategy",
+    "VisualDecoder",
+    "generate_captions",
+    "get_strategy",
+]

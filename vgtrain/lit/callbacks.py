@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 
 class TrainingStats(L.Callback):
-    """Logs ``train/samples_per_s``, ``data/skipped`` (cumulative, and by reason) and, once at
-    the start, the trainable vs frozen parameter counts."""
+    """Logs ``train/samples_per_s``, ``data/skipped`` (cumulative, and by reason), the
+    cross-attention gates (``gates/layer_i``) and, once at the start, the trainable vs frozen
+    parameter counts."""
 
     def __init__(self, log_every_n_steps: int = 10) -> None:
         self.log_every_n_steps = log_every_n_steps
@@ -47,6 +48,9 @@ class TrainingStats(L.Callback):
         metrics = {"train/samples_per_s": self._window_samples / elapsed if elapsed > 0 else 0.0}
         metrics["data/skipped"] = float(sum(self.skipped.values()))
         metrics.update({f"data/skipped/{reason}": float(n) for reason, n in self.skipped.items()})
+        xattn = getattr(getattr(pl_module, "model", None), "xattn", None)
+        if xattn is not None:  # how far each cross-attention gate has opened
+            metrics.update({f"gates/{layer}": value for layer, value in xattn.gates().items()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         self._window_start, self._window_samples = now, 0
 

@@ -249,11 +249,11 @@ def build_llm_tokenizer(
 ) -> Any:
     """The tokenizer an LLM entry resolves to, without loading its weights (for exports)."""
     entry: LLMEntry = _lookup(LLM_BACKBONES, name, "LLM")
-    if entry.hub_id is None and path is None:
+    if entry.hub_id is None and entry.package is None and path is None:  # as build_llm decides
         return build_tiny_tokenizer(tokenizer_vocab_size, tokenizer_corpus)
     from transformers import AutoTokenizer
 
-    source = path or entry.hub_id
+    source = path or llm_source(entry)
     try:
         return AutoTokenizer.from_pretrained(source)
     except OSError as error:
