@@ -12,7 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TINY_VISION = {"name": "tiny", "pool_tokens": 2, "arch": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "embed_dim": 32}}
+TINY_VISION = {
+    "name": "tiny",
+    "pool_tokens": 2,
+    "arch": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "embed_dim": 32},
+}
 TINY_LLM = {"name": "tiny", "arch": {"width": 64, "layers": 2, "heads": 2}}
 TINY_MAPPER = {"name": "transformer", "prefix_length": 4, "width": 64, "num_layers": 1, "num_heads": 2}
 

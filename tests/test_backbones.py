@@ -9,7 +9,10 @@ def test_tiny_backbones_rebuild_bit_identically():
     a, b = build_vision(**TINY_VISION), build_vision(**TINY_VISION)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
-    assert build_llm(**TINY_LLM).describe()["weights_digest"] == build_llm(**TINY_LLM).describe()["weights_digest"]
+    assert (
+        build_llm(**TINY_LLM).describe()["weights_digest"]
+        == build_llm(**TINY_LLM).describe()["weights_digest"]
+    )
     other_seed = build_vision(**{**TINY_VISION, "init_seed": 1})
     assert other_seed.describe()["weights_digest"] != a.describe()["weights_digest"]
 

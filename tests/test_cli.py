@@ -11,15 +11,30 @@ import torch
 
 TINY_OVERRIDES = [
     "logger=csv",
-    "data.synthetic.num_train=256", "data.synthetic.num_val=64", "data.synthetic.num_heldout=32",
-    "data.synthetic.image_size=32", "data.synthetic.samples_per_shard=128",
-    "data.batch_size=16", "data.val_batch_size=32", "data.num_workers=0",
-    "model.vision.arch.image_size=32", "model.vision.arch.width=64", "model.vision.arch.layers=1",
+    "data.synthetic.num_train=256",
+    "data.synthetic.num_val=64",
+    "data.synthetic.num_heldout=32",
+    "data.synthetic.image_size=32",
+    "data.synthetic.samples_per_shard=128",
+    "data.batch_size=16",
+    "data.val_batch_size=32",
+    "data.num_workers=0",
+    "model.vision.arch.image_size=32",
+    "model.vision.arch.width=64",
+    "model.vision.arch.layers=1",
     "model.vision.arch.embed_dim=32",
-    "model.llm.arch.width=64", "model.llm.arch.layers=2", "model.llm.arch.heads=2",
-    "model.mapper.width=64", "model.mapper.num_layers=1", "model.mapper.num_heads=2", "model.mapper.prefix_length=4",
-    "model.optimizer.lr=3e-3", "model.scheduler.warmup_steps=5",
-    "trainer.max_steps=40", "trainer.val_check_interval=20", "trainer.log_every_n_steps=5",
+    "model.llm.arch.width=64",
+    "model.llm.arch.layers=2",
+    "model.llm.arch.heads=2",
+    "model.mapper.width=64",
+    "model.mapper.num_layers=1",
+    "model.mapper.num_heads=2",
+    "model.mapper.prefix_length=4",
+    "model.optimizer.lr=3e-3",
+    "model.scheduler.warmup_steps=5",
+    "trainer.max_steps=40",
+    "trainer.val_check_interval=20",
+    "trainer.log_every_n_steps=5",
     "evaluate.max_new_tokens=12",
 ]
 
@@ -27,19 +42,32 @@ TINY_OVERRIDES = [
 def _vgtrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     return subprocess.run(
-        [sys.executable, "-m", "vgtrain.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "vgtrain.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
 def test_train_runs_end_to_end_and_loss_goes_down(tmp_path):
     run_dir = tmp_path / "run"
-    result = _vgtrain("train", *TINY_OVERRIDES, f"hydra.run.dir={run_dir}", f"paths.data_dir={tmp_path}", cwd=tmp_path)
+    result = _vgtrain(
+        "train", *TINY_OVERRIDES, f"hydra.run.dir={run_dir}", f"paths.data_dir={tmp_path}", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(run_dir)
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("val/exact_match", "val/token_accuracy", "heldout/exact_match", "val_shuffled/exact_match",
-                "val_shuffled/token_accuracy", "wall_seconds"):
+    for key in (
+        "val/exact_match",
+        "val/token_accuracy",
+        "heldout/exact_match",
+        "val_shuffled/exact_match",
+        "val_shuffled/token_accuracy",
+        "wall_seconds",
+    ):
         assert key in metrics
     assert metrics["global_step"] == 40
 

@@ -9,7 +9,17 @@ from omegaconf import OmegaConf
 
 from vgtrain.paths import CONF_DIR
 
-GROUPS = ["model/vision", "model/llm", "model/mapper", "model/xattn", "data", "trainer", "callbacks", "logger", "experiment"]
+GROUPS = [
+    "model/vision",
+    "model/llm",
+    "model/mapper",
+    "model/xattn",
+    "data",
+    "trainer",
+    "callbacks",
+    "logger",
+    "experiment",
+]
 
 
 def _options(group: str) -> list[str]:

@@ -13,8 +13,19 @@ def test_demo_learns_from_the_image(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     result = subprocess.run(
-        [sys.executable, "-m", "vgtrain.cli", "train", f"hydra.run.dir={run_dir}", f"paths.data_dir={tmp_path}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200,
+        [
+            sys.executable,
+            "-m",
+            "vgtrain.cli",
+            "train",
+            f"hydra.run.dir={run_dir}",
+            f"paths.data_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())

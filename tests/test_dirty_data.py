@@ -26,17 +26,22 @@ def _png(value: int) -> bytes:
 
 
 def _good(prefix: str, n: int) -> list[dict]:
-    return [{"__key__": f"{prefix}{i:03d}", "png": _png(i * 20), "txt": f"a red square {i}"} for i in range(n)]
+    return [
+        {"__key__": f"{prefix}{i:03d}", "png": _png(i * 20), "txt": f"a red square {i}"} for i in range(n)
+    ]
 
 
 def _dirty_shards(folder: Path) -> str:
     write_shard(folder / "good-000000.tar", _good("good", 10))
-    write_shard(folder / "dirty-000000.tar", [
-        *_good("dirtyok", 4),
-        {"__key__": "not_an_image", "png": b"<html>404 not found</html>", "txt": "a page, not a picture"},
-        {"__key__": "no_caption", "png": _png(7)},
-        *_good("dirtyok2", 4),
-    ])
+    write_shard(
+        folder / "dirty-000000.tar",
+        [
+            *_good("dirtyok", 4),
+            {"__key__": "not_an_image", "png": b"<html>404 not found</html>", "txt": "a page, not a picture"},
+            {"__key__": "no_caption", "png": _png(7)},
+            *_good("dirtyok2", 4),
+        ],
+    )
     cut = folder / "cut-000000.tar"
     write_shard(cut, _good("cut", 10))
     with tarfile.open(cut) as tar:  # a download that died in the middle of the sixth image
@@ -49,16 +54,34 @@ def _dirty_shards(folder: Path) -> str:
 def test_dirty_shard_stream_keeps_training_and_reports_counts(tmp_path):
     urls = _dirty_shards(tmp_path)
     module = CaptioningModule(
-        vision=dict(TINY_VISION), llm=dict(TINY_LLM), mapper=dict(TINY_MAPPER),
-        optimizer=partial(torch.optim.AdamW, lr=3e-3), scheduler={"warmup_steps": 2, "min_lr_ratio": 0.1},
+        vision=dict(TINY_VISION),
+        llm=dict(TINY_LLM),
+        mapper=dict(TINY_MAPPER),
+        optimizer=partial(torch.optim.AdamW, lr=3e-3),
+        scheduler={"warmup_steps": 2, "min_lr_ratio": 0.1},
     )
     collator = CaptionCollator(module.model.llm.tokenizer, prefix_length=module.model.prefix_length)
-    datamodule = CaptionDataModule(urls, None, module.model.vision.transform, collator, batch_size=4,
-                                   num_workers=0, shuffle_buffer=8, seed=0)
+    datamodule = CaptionDataModule(
+        urls,
+        None,
+        module.model.vision.transform,
+        collator,
+        batch_size=4,
+        num_workers=0,
+        shuffle_buffer=8,
+        seed=0,
+    )
     stats = TrainingStats(log_every_n_steps=1)
     trainer = L.Trainer(
-        max_steps=12, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0, callbacks=[stats],
+        max_steps=12,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+        callbacks=[stats],
     )
     trainer.fit(module, datamodule=datamodule)
 
@@ -88,8 +111,13 @@ def test_shard_members_cannot_point_outside_the_shard(tmp_path):
     from vgtrain.data.pipeline import caption_dataset
     from vgtrain.models.backbones.tiny import build_tiny_tokenizer
 
-    dataset = caption_dataset(str(shard), transform=lambda image: torch.zeros(1),
-                              collate=CaptionCollator(build_tiny_tokenizer(), prefix_length=2), batch_size=4, train=False)
+    dataset = caption_dataset(
+        str(shard),
+        transform=lambda image: torch.zeros(1),
+        collate=CaptionCollator(build_tiny_tokenizer(), prefix_length=2),
+        batch_size=4,
+        train=False,
+    )
     batches = list(dataset)
     assert [c for b in batches for c in b["captions"]] == ["a fine caption"]
     assert sum(b["skipped"].get("missing_caption", 0) for b in batches) == 1  # the symlink was not read

@@ -30,9 +30,15 @@ def _vgtrain(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *ar
 def _tiny(shapes_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     patterns = json.loads((shapes_dir / "manifest.json").read_text())["patterns"]
     return [
-        "train", *TINY_OVERRIDES, "data.synthetic=null", f"data.train_urls='{patterns['train']}'",
-        f"data.val_urls='{patterns['val']}'", "evaluate.enabled=false", "trainer.limit_val_batches=0",
-        f"hydra.run.dir={run_dir}", *extra,
+        "train",
+        *TINY_OVERRIDES,
+        "data.synthetic=null",
+        f"data.train_urls='{patterns['train']}'",
+        f"data.val_urls='{patterns['val']}'",
+        "evaluate.enabled=false",
+        "trainer.limit_val_batches=0",
+        f"hydra.run.dir={run_dir}",
+        *extra,
     ]
 
 
@@ -57,7 +63,9 @@ def _assert_one_line(code: int, err: str, *needles: str) -> None:
     ],
     ids=["key", "top-level-key", "group-option", "unquoted-braces"],
 )
-def test_config_mistakes_name_the_key_and_the_closest_valid_one(monkeypatch, capsys, tmp_path, override, needles):
+def test_config_mistakes_name_the_key_and_the_closest_valid_one(
+    monkeypatch, capsys, tmp_path, override, needles
+):
     code, err = _vgtrain(monkeypatch, capsys, "train", override, f"hydra.run.dir={tmp_path}")
     _assert_one_line(code, err, *needles)
 
@@ -71,10 +79,18 @@ def test_verbose_shows_the_traceback(monkeypatch, capsys, tmp_path):
 
 def test_missing_shard_and_empty_pattern_are_named(monkeypatch, capsys, tmp_path):
     missing = tmp_path / "shards" / "train-000001.tar"
-    code, err = _vgtrain(monkeypatch, capsys, "train", "data=custom",
-                         f"data.train_urls='{tmp_path}/shards/train-{{000000..000001}}.tar'", f"hydra.run.dir={tmp_path}")
+    code, err = _vgtrain(
+        monkeypatch,
+        capsys,
+        "train",
+        "data=custom",
+        f"data.train_urls='{tmp_path}/shards/train-{{000000..000001}}.tar'",
+        f"hydra.run.dir={tmp_path}",
+    )
     _assert_one_line(code, err, "data.train_urls", str(missing))
-    code, err = _vgtrain(monkeypatch, capsys, "train", "data=custom", "data.train_urls=", f"hydra.run.dir={tmp_path}")
+    code, err = _vgtrain(
+        monkeypatch, capsys, "train", "data=custom", "data.train_urls=", f"hydra.run.dir={tmp_path}"
+    )
     _assert_one_line(code, err, "data.train_urls", "empty")
     code, err = _vgtrain(monkeypatch, capsys, "train", "data=custom", f"hydra.run.dir={tmp_path}")
     _assert_one_line(code, err, "data.train_urls is not set")
@@ -85,17 +101,25 @@ def test_unknown_backbone_lists_the_registered_ones(monkeypatch, capsys, shapes_
     _assert_one_line(code, err, "'clip_vit_b99'", "clip_vit_b32", "tiny")
 
 
-def test_checkpoint_from_another_backbone_or_adapter_shape_names_file_and_tensor(monkeypatch, capsys, shapes_dir, tmp_path):
+def test_checkpoint_from_another_backbone_or_adapter_shape_names_file_and_tensor(
+    monkeypatch, capsys, shapes_dir, tmp_path
+):
     code, _ = _vgtrain(monkeypatch, capsys, *_tiny(shapes_dir, tmp_path / "a", "trainer.max_steps=1"))
     assert code == 0
     checkpoint = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert checkpoint.is_file()
 
-    code, err = _vgtrain(monkeypatch, capsys, *_tiny(shapes_dir, tmp_path / "b", f"resume={checkpoint}",
-                                                      "model.mapper.width=32"))
+    code, err = _vgtrain(
+        monkeypatch,
+        capsys,
+        *_tiny(shapes_dir, tmp_path / "b", f"resume={checkpoint}", "model.mapper.width=32"),
+    )
     _assert_one_line(code, err, str(checkpoint), "model.mapper.", "64] in the checkpoint", "32] here")
-    code, err = _vgtrain(monkeypatch, capsys, *_tiny(shapes_dir, tmp_path / "c", f"resume={checkpoint}",
-                                                      "model.vision.init_seed=7"))
+    code, err = _vgtrain(
+        monkeypatch,
+        capsys,
+        *_tiny(shapes_dir, tmp_path / "c", f"resume={checkpoint}", "model.vision.init_seed=7"),
+    )
     _assert_one_line(code, err, str(checkpoint), "vision backbone", "weights_digest")
 
 
@@ -108,7 +132,9 @@ def test_tokenizer_without_eos_names_where_it_came_from(monkeypatch, capsys, sha
     tokenizer.eos_token = None
     tokenizer.save_pretrained(folder)
     model.save_pretrained(folder)
-    code, err = _vgtrain(monkeypatch, capsys, *_tiny(shapes_dir, tmp_path / "run", f"model.llm.path={folder}"))
+    code, err = _vgtrain(
+        monkeypatch, capsys, *_tiny(shapes_dir, tmp_path / "run", f"model.llm.path={folder}")
+    )
     _assert_one_line(code, err, "no EOS token", str(folder))
 
 
@@ -120,6 +146,14 @@ def test_out_of_memory_names_the_knobs(monkeypatch, capsys, shapes_dir, tmp_path
 
     monkeypatch.setattr(CaptioningModule, "training_step", out_of_memory)
     code, err = _vgtrain(monkeypatch, capsys, *_tiny(shapes_dir, tmp_path))
-    _assert_one_line(code, err, "out of memory", "data.batch_size=16", "trainer.accumulate_grad_batches=1",
-                     "trainer.precision=32-true", "data.cache_features=True", "bf16-mixed")
+    _assert_one_line(
+        code,
+        err,
+        "out of memory",
+        "data.batch_size=16",
+        "trainer.accumulate_grad_batches=1",
+        "trainer.precision=32-true",
+        "data.cache_features=True",
+        "bf16-mixed",
+    )
     assert "set data.cache_features=true" not in err  # already on: not offered

@@ -12,9 +12,15 @@ XATTN = {"name": "gated", "every": 1, "num_heads": 2, "head_dim": 16, "ff_mult":
 ROUTES = {
     "prefix": (TINY_MAPPER, None),
     "xattn": (None, XATTN),
-    "xattn_resampler": (None, {**XATTN, "resampler": {"width": 32, "num_latents": 3, "num_layers": 1, "num_heads": 2}}),
+    "xattn_resampler": (
+        None,
+        {**XATTN, "resampler": {"width": 32, "num_latents": 3, "num_layers": 1, "num_heads": 2}},
+    ),
     "both": (TINY_MAPPER, XATTN),
-    "perceiver_prefix": ({"name": "perceiver", "prefix_length": 3, "width": 32, "num_layers": 1, "num_heads": 2}, None),
+    "perceiver_prefix": (
+        {"name": "perceiver", "prefix_length": 3, "width": 32, "num_layers": 1, "num_heads": 2},
+        None,
+    ),
 }
 
 
@@ -31,7 +37,9 @@ def test_each_route_trains_only_its_adapters(route):
     torch.manual_seed(0)
     model = build_model(dict(TINY_VISION), dict(TINY_LLM), mapper and dict(mapper), xattn and dict(xattn))
     batch = _batch(model)
-    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"])
+    out = model(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=batch["pixel_values"]
+    )
     out.loss.backward()
     trainable = {name for name, _ in model.trainable_named_parameters()}
     assert trainable and not any(name.startswith(("vision.", "llm.")) for name in trainable)

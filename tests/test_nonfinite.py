@@ -42,20 +42,38 @@ class PoisonBatches(L.Callback):
             self.around.append(self._mapper(pl_module))
 
 
-def _fit(shapes_dir, tmp_path, poison: PoisonBatches, guard: NonFiniteGuard, steps: int) -> tuple[L.Trainer, CaptioningModule]:
+def _fit(
+    shapes_dir, tmp_path, poison: PoisonBatches, guard: NonFiniteGuard, steps: int
+) -> tuple[L.Trainer, CaptioningModule]:
     module = CaptioningModule(
-        vision=dict(TINY_VISION), llm=dict(TINY_LLM), mapper=dict(TINY_MAPPER),
-        optimizer=partial(torch.optim.AdamW, lr=3e-3), scheduler={"warmup_steps": 2, "min_lr_ratio": 0.1},
+        vision=dict(TINY_VISION),
+        llm=dict(TINY_LLM),
+        mapper=dict(TINY_MAPPER),
+        optimizer=partial(torch.optim.AdamW, lr=3e-3),
+        scheduler={"warmup_steps": 2, "min_lr_ratio": 0.1},
     )
     patterns = json.loads((shapes_dir / "manifest.json").read_text())["patterns"]
     collator = CaptionCollator(module.model.llm.tokenizer, prefix_length=module.model.prefix_length)
     datamodule = CaptionDataModule(
-        patterns["train"], None, module.model.vision.transform, collator, batch_size=16, num_workers=0,
-        cache_features=True, vision=module.model.vision,
+        patterns["train"],
+        None,
+        module.model.vision.transform,
+        collator,
+        batch_size=16,
+        num_workers=0,
+        cache_features=True,
+        vision=module.model.vision,
     )
     trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0, gradient_clip_val=1.0,
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
         callbacks=[poison, guard],
     )
     trainer.fit(module, datamodule=datamodule)

@@ -30,12 +30,22 @@ from vgtrain.lit.resumable import ResumableDataLoader, ResumableSampler
 def _train_command(run_dir: Path, shapes_dir: Path, *extra: str) -> list[str]:
     patterns = json.loads((shapes_dir / "manifest.json").read_text())["patterns"]
     return [
-        sys.executable, "-m", "vgtrain.cli", "train", *TINY_OVERRIDES,
-        "data.synthetic=null", f"data.train_urls='{patterns['train']}'", f"data.val_urls='{patterns['val']}'",
-        "trainer.max_steps=30", "trainer.val_check_interval=10", "trainer.limit_val_batches=1",
-        "train.checkpoint_every_n_steps=10", "evaluate.enabled=false",
+        sys.executable,
+        "-m",
+        "vgtrain.cli",
+        "train",
+        *TINY_OVERRIDES,
+        "data.synthetic=null",
+        f"data.train_urls='{patterns['train']}'",
+        f"data.val_urls='{patterns['val']}'",
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=10",
+        "trainer.limit_val_batches=1",
+        "train.checkpoint_every_n_steps=10",
+        "evaluate.enabled=false",
         "model.mapper.dropout=0.1",  # dropout draws on the global RNG: resume must restore it
-        f"hydra.run.dir={run_dir}", *extra,
+        f"hydra.run.dir={run_dir}",
+        *extra,
     ]
 
 
@@ -46,7 +56,13 @@ def _env() -> dict[str, str]:
 
 def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(shapes_dir, tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    kwargs = {"cwd": tmp_path, "env": _env(), "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    kwargs = {
+        "cwd": tmp_path,
+        "env": _env(),
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.STDOUT,
+        "text": True,
+    }
     reference = subprocess.Popen(_train_command(whole, shapes_dir), **kwargs)
     victim = subprocess.Popen(_train_command(broken, shapes_dir), **kwargs)
     deadline = time.monotonic() + 300
@@ -99,15 +115,23 @@ def _loader() -> ResumableDataLoader:
 
 def _trainer(tmp_path: Path, *callbacks: L.Callback, steps: int = 12) -> L.Trainer:
     return L.Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=[*callbacks, RNGState()], plugins=[AtomicCheckpointIO()],
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[*callbacks, RNGState()],
+        plugins=[AtomicCheckpointIO()],
     )
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Recorder]:
     folder = tmp_path_factory.mktemp("uninterrupted")
-    every_step = ModelCheckpoint(dirpath=folder / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    every_step = ModelCheckpoint(
+        dirpath=folder / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1
+    )
     L.seed_everything(0)
     model = Recorder()
     _trainer(folder, every_step).fit(model, train_dataloaders=_loader())
@@ -119,7 +143,9 @@ def test_sample_order_and_weights_after_resume_match(uninterrupted, tmp_path, st
     folder, reference = uninterrupted
     L.seed_everything(123)  # a different init and RNG: everything must come from the checkpoint
     model = Recorder()
-    _trainer(tmp_path).fit(model, train_dataloaders=_loader(), ckpt_path=folder / "ckpt" / f"step={step}.ckpt")
+    _trainer(tmp_path).fit(
+        model, train_dataloaders=_loader(), ckpt_path=folder / "ckpt" / f"step={step}.ckpt"
+    )
     assert model.seen == reference.seen[step:]
     for name, tensor in reference.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
@@ -127,13 +153,23 @@ def test_sample_order_and_weights_after_resume_match(uninterrupted, tmp_path, st
 
 def test_resume_auto_skips_a_truncated_checkpoint(tmp_path, caplog):
     periodic = ModelCheckpoint(
-        dirpath=tmp_path / "checkpoints", filename="step{step:06d}", auto_insert_metric_name=False,
-        monitor="step", mode="max", every_n_train_steps=2, save_top_k=3, save_last=True,
+        dirpath=tmp_path / "checkpoints",
+        filename="step{step:06d}",
+        auto_insert_metric_name=False,
+        monitor="step",
+        mode="max",
+        every_n_train_steps=2,
+        save_top_k=3,
+        save_last=True,
     )
     _trainer(tmp_path, periodic, steps=6).fit(Recorder(), train_dataloaders=_loader())
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == [
-        "last.ckpt", "step000002.ckpt", "step000004.ckpt", "step000006.ckpt"]
+        "last.ckpt",
+        "step000002.ckpt",
+        "step000004.ckpt",
+        "step000006.ckpt",
+    ]
     for name in ("step000006.ckpt", "last.ckpt"):  # the newest two hold step 6: cut both in half
         path = checkpoints / name
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -220,8 +256,17 @@ def test_resampled_stream_is_reseeded_on_resume(shapes_dir):
     collate = CaptionCollator(build_tiny_tokenizer(), prefix_length=2)
 
     def first_keys(seed: int) -> list[str]:
-        stream = iter(caption_dataset(pattern, transform=lambda image: torch.zeros(1), collate=collate,
-                                      batch_size=32, train=True, shuffle_buffer=64, seed=seed))
+        stream = iter(
+            caption_dataset(
+                pattern,
+                transform=lambda image: torch.zeros(1),
+                collate=collate,
+                batch_size=32,
+                train=True,
+                shuffle_buffer=64,
+                seed=seed,
+            )
+        )
         return [key for _ in range(2) for key in next(stream)["keys"]]
 
     assert stream_seed(5, 0) == 5 and stream_seed(5, 100) != stream_seed(5, 200)

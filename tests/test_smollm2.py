@@ -29,18 +29,27 @@ def test_real_weights_load_and_speak(model):
     ids = llm.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad(), model.visual_context(model.features(pixel_values=torch.zeros(1, 3, 32, 32))):
         out = llm.model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert "Paris" in llm.tokenizer.decode(out[0, ids.shape[1]:])
+    assert "Paris" in llm.tokenizer.decode(out[0, ids.shape[1] :])
     assert model.xattn.layer_indices == [9, 19, 29]
 
 
 def test_adapters_train_and_the_real_llm_stays_bit_identical(model):
     llm_before = {k: v.clone() for k, v in model.llm.state_dict().items()}
     collate = CaptionCollator(model.llm.tokenizer, prefix_length=model.prefix_length)
-    batch = collate([{"caption": "a small red circle at the top left", "key": "0"},
-                     {"caption": "a large blue square in the center", "key": "1"}])
+    batch = collate(
+        [
+            {"caption": "a small red circle at the top left", "key": "0"},
+            {"caption": "a large blue square in the center", "key": "1"},
+        ]
+    )
     optimizer = torch.optim.AdamW([p for _, p in model.trainable_named_parameters()], lr=1e-2)
     for _ in range(2):
-        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], pixel_values=torch.randn(2, 3, 32, 32))
+        out = model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            pixel_values=torch.randn(2, 3, 32, 32),
+        )
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()

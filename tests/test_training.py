@@ -28,15 +28,29 @@ def _datamodule(module: CaptioningModule, shapes_dir: Path, cache_features: bool
     patterns = json.loads((shapes_dir / "manifest.json").read_text())["patterns"]
     collator = CaptionCollator(module.model.llm.tokenizer, prefix_length=module.model.prefix_length)
     return CaptionDataModule(
-        patterns["train"], patterns["val"], module.model.vision.transform, collator,
-        batch_size=16, val_batch_size=32, num_workers=0, cache_features=cache_features, vision=module.model.vision,
+        patterns["train"],
+        patterns["val"],
+        module.model.vision.transform,
+        collator,
+        batch_size=16,
+        val_batch_size=32,
+        num_workers=0,
+        cache_features=cache_features,
+        vision=module.model.vision,
     )
 
 
 def _fit(module, datamodule, tmp_path: Path, steps: int = 12) -> L.Trainer:
     trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, val_check_interval=steps, check_val_every_n_epoch=None, limit_val_batches=1,
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        val_check_interval=steps,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
         num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=datamodule)
@@ -46,7 +60,9 @@ def _fit(module, datamodule, tmp_path: Path, steps: int = 12) -> L.Trainer:
 @pytest.mark.parametrize("cache_features", [False, True])
 def test_adapter_trains_while_backbones_stay_bit_identical(shapes_dir, tmp_path, cache_features):
     module = _module()
-    frozen_before = {k: v.clone() for k, v in module.model.state_dict().items() if not k.startswith("mapper.")}
+    frozen_before = {
+        k: v.clone() for k, v in module.model.state_dict().items() if not k.startswith("mapper.")
+    }
     mapper_before = {k: v.clone() for k, v in module.model.mapper.state_dict().items()}
     _fit(module, _datamodule(module, shapes_dir, cache_features), tmp_path)
     for key, value in module.model.state_dict().items():
@@ -66,11 +82,14 @@ def test_checkpoint_holds_adapter_only_and_reloads(shapes_dir, tmp_path):
     keys = set(checkpoint["state_dict"])
     assert keys and all(key.startswith("model.mapper.") for key in keys)
     backbone_bytes = sum(
-        t.numel() * t.element_size() for t in (*module.model.vision.parameters(), *module.model.llm.parameters())
+        t.numel() * t.element_size()
+        for t in (*module.model.vision.parameters(), *module.model.llm.parameters())
     )
     adapter_bytes = sum(t.numel() * t.element_size() for t in checkpoint["state_dict"].values())
     assert adapter_bytes < backbone_bytes
-    assert checkpoint["vgtrain"]["vision"]["weights_digest"] == module.model.vision.describe()["weights_digest"]
+    assert (
+        checkpoint["vgtrain"]["vision"]["weights_digest"] == module.model.vision.describe()["weights_digest"]
+    )
 
     restored = CaptioningModule.load_from_checkpoint(path, optimizer=partial(torch.optim.AdamW))
     for key, value in module.model.state_dict().items():
@@ -118,8 +137,14 @@ def test_checkpoint_with_another_adapter_shape_is_refused(shapes_dir, tmp_path):
 def test_bf16_mixed_precision_trains_on_cpu(shapes_dir, tmp_path):
     module = _module()
     trainer = L.Trainer(
-        max_steps=3, accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0,
+        max_steps=3,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
     )
     trainer.fit(module, datamodule=_datamodule(module, shapes_dir, cache_features=True))
     loss = trainer.callback_metrics["train/loss"]

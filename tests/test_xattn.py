@@ -14,13 +14,31 @@ def _gpt2():
 
 
 def _opt():
-    return OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                                    ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32))
+    return OPTForCausalLM(
+        OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            ffn_dim=64,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+        )
+    )
 
 
 def _llama():
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
 
 
 FAMILIES = {"gpt2": _gpt2, "opt": _opt, "llama": _llama}
@@ -92,7 +110,10 @@ def test_adapter_state_round_trips():
             p.add_(0.1)
     _, fresh = _wrapped(_gpt2, layers=[0, 2])
     fresh.load_state_dict(adapter.state_dict(), strict=True)
-    assert all(torch.equal(a, b) for a, b in zip(adapter.state_dict().values(), fresh.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(adapter.state_dict().values(), fresh.state_dict().values(), strict=True)
+    )
 
 
 def test_unbound_memory_and_unknown_stacks_fail_clearly():

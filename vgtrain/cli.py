@@ -15,11 +15,13 @@ COMMANDS = {
     "caption": "caption images with an export: vgtrain caption --export DIR IMG... [--strategy beam]",
 }
 
-USAGE = "usage: vgtrain <command> [args]\n\ncommands:\n" + "\n".join(
-    f"  {name:<8} {summary}" for name, summary in COMMANDS.items()
-) + (
-    "\n\n`vgtrain <command> --help` shows a command's options. Errors print as one line;\n"
-    "`--verbose` (or HYDRA_FULL_ERROR=1) shows the full traceback."
+USAGE = (
+    "usage: vgtrain <command> [args]\n\ncommands:\n"
+    + "\n".join(f"  {name:<8} {summary}" for name, summary in COMMANDS.items())
+    + (
+        "\n\n`vgtrain <command> --help` shows a command's options. Errors print as one line;\n"
+        "`--verbose` (or HYDRA_FULL_ERROR=1) shows the full traceback."
+    )
 )
 
 

@@ -79,6 +79,10 @@ def format_examples(examples: list[dict[str, str]]) -> str:
     width = max([len("reference")] + [len(e["reference"]) for e in examples])
     lines = [f"{'reference':<{width}} | generated", f"{'-' * width}-+-{'-' * width}"]
     for example in examples:
-        mark = "" if normalize_caption(example["reference"]) == normalize_caption(example["prediction"]) else "   (x)"
+        mark = (
+            ""
+            if normalize_caption(example["reference"]) == normalize_caption(example["prediction"])
+            else "   (x)"
+        )
         lines.append(f"{example['reference']:<{width}} | {example['prediction']}{mark}")
     return "\n".join(lines)

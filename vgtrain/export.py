@@ -91,7 +91,9 @@ def expected_parameters(
     if llm is not None and hparams["llm"].get("trainable"):
         parts["llm"] = llm
     if xattn["name"] != "none":
-        vision_facts = SimpleNamespace(token_dim=facts["vision"]["token_dim"], num_tokens=facts["vision"]["num_tokens"])
+        vision_facts = SimpleNamespace(
+            token_dim=facts["vision"]["token_dim"], num_tokens=facts["vision"]["num_tokens"]
+        )
         parts["xattn"], memory = build_cross_attention(xattn, vision_facts, llm)
         if memory is not None:
             parts["memory"] = memory

@@ -102,7 +102,9 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(item) for item in (group or {}).values() if item is not None]
 
 
-def evaluate_after_fit(cfg: DictConfig, module: CaptioningModule, datamodule: CaptionDataModule) -> dict[str, float]:
+def evaluate_after_fit(
+    cfg: DictConfig, module: CaptioningModule, datamodule: CaptionDataModule
+) -> dict[str, float]:
     """Greedy-decodes the configured splits; returns flat metrics and prints example captions."""
     settings = cfg.evaluate
     metrics: dict[str, float] = {}
@@ -125,7 +127,9 @@ def evaluate_after_fit(cfg: DictConfig, module: CaptioningModule, datamodule: Ca
         )
         metrics.update(result.metrics(name))
         if not shuffled:
-            print(f"\n{name}: {result.num_samples} images, greedy decoding\n{format_examples(result.examples)}")
+            print(
+                f"\n{name}: {result.num_samples} images, greedy decoding\n{format_examples(result.examples)}"
+            )
     return metrics
 
 
@@ -155,7 +159,9 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path, module: CaptioningModule) 
     """The checkpoint ``resume`` (or its alias ``ckpt_path``) names, checked against the model."""
     resume, alias = cfg.get("resume"), cfg.get("ckpt_path")
     if resume and alias and str(resume) != str(alias):
-        raise ConfigError(f"resume={resume} and ckpt_path={alias} disagree; ckpt_path is an alias, set resume only")
+        raise ConfigError(
+            f"resume={resume} and ckpt_path={alias} disagree; ckpt_path is an alias, set resume only"
+        )
     found = resolve_resume(resume or alias, run_dir)
     if found is None:
         return None
@@ -168,8 +174,13 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path, module: CaptioningModule) 
     return path
 
 
-def fit(cfg: DictConfig, trainer: L.Trainer, module: CaptioningModule, datamodule: CaptionDataModule,
-        ckpt_path: Path | None) -> None:
+def fit(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: CaptioningModule,
+    datamodule: CaptionDataModule,
+    ckpt_path: Path | None,
+) -> None:
     """``trainer.fit`` that loads the checkpoint weights-only and turns a SIGTERM stop and
     out-of-memory into errors that say what happened and what to change."""
     safe = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
@@ -181,8 +192,15 @@ def fit(cfg: DictConfig, trainer: L.Trainer, module: CaptioningModule, datamodul
     except Exception as error:
         if not is_out_of_memory(error):
             raise
-        settings = ", ".join(f"{key}={OmegaConf.select(cfg, key)}" for key in (
-            "data.batch_size", "trainer.accumulate_grad_batches", "trainer.precision", "data.cache_features"))
+        settings = ", ".join(
+            f"{key}={OmegaConf.select(cfg, key)}"
+            for key in (
+                "data.batch_size",
+                "trainer.accumulate_grad_batches",
+                "trainer.precision",
+                "data.cache_features",
+            )
+        )
         knobs = oom_knobs(bool(cfg.data.get("cache_features")))
         raise OutOfMemory(f"out of memory with {settings}: {knobs}") from error
 
@@ -199,7 +217,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg, module)
     module.model.llm.tokenizer.save_pretrained(run_dir / "tokenizer")
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False
+    )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

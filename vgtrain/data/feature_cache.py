@@ -50,7 +50,9 @@ class CachedFeatures(Dataset):
 
 
 @torch.no_grad()
-def compute_features(vision: VisionBackbone, batches: Iterable[dict[str, Any]], description: str) -> CachedFeatures:
+def compute_features(
+    vision: VisionBackbone, batches: Iterable[dict[str, Any]], description: str
+) -> CachedFeatures:
     """Runs the vision tower once over every batch (each must carry ``pixel_values``)."""
     tokens, pooled, captions, keys = [], [], [], []
     skipped: Counter[str] = Counter()

@@ -127,7 +127,9 @@ class SampleDecoder:
 class CountingBatcher:
     """Batches decoded samples and attaches the skip counts gathered since the last batch."""
 
-    def __init__(self, batch_size: int, collate: CaptionCollator, counter: SkipCounter, partial: bool) -> None:
+    def __init__(
+        self, batch_size: int, collate: CaptionCollator, counter: SkipCounter, partial: bool
+    ) -> None:
         self.batch_size = batch_size
         self.collate = collate
         self.counter = counter

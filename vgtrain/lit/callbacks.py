@@ -37,7 +37,12 @@ class TrainingStats(L.Callback):
         self._window_start = time.perf_counter()
 
     def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict[str, Any], batch_idx: int
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: dict[str, Any],
+        batch_idx: int,
     ) -> None:
         self._window_samples += int(batch["input_ids"].shape[0])
         self.skipped.update(batch.get("skipped", {}))
@@ -93,11 +98,15 @@ class NonFiniteGuard(L.Callback):
         self._loss_ok: torch.Tensor | None = None  # on device: read once per step, not per micro-batch
         self._keys: list[str] = []  # of the micro-batches accumulated into the coming step
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if isinstance(batch, dict):
             self._keys.extend(str(key) for key in batch.get("keys") or [])
 
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
         finite = torch.isfinite(loss.detach()).all()
         self._loss_ok = finite if self._loss_ok is None else self._loss_ok & finite
 
@@ -127,8 +136,11 @@ class NonFiniteGuard(L.Callback):
                 f"loss or gradient (more than train.max_consecutive_nonfinite={self.max_consecutive}); "
                 f"last batch keys: {shown or 'unknown'}"
             )
-        log.warning("step %d: non-finite loss or gradient, optimizer step skipped (batch keys: %s)",
-                    trainer.global_step, shown or "unknown")
+        log.warning(
+            "step %d: non-finite loss or gradient, optimizer step skipped (batch keys: %s)",
+            trainer.global_step,
+            shown or "unknown",
+        )
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -52,7 +52,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None or not _is_local(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -73,7 +75,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync_directory(target.parent)
 
     @override
-    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict:
         # Checkpoints may come from elsewhere: never unpickle arbitrary objects.
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
@@ -132,4 +136,6 @@ def resolve_resume(resume: str | None, run_dir: Path) -> tuple[Path, dict[str, A
     try:
         return path, load_checkpoint(path)
     except Exception as error:
-        raise ConfigError(f"resume={resume}: the checkpoint does not load weights-only ({_short(error)})") from error
+        raise ConfigError(
+            f"resume={resume}: the checkpoint does not load weights-only ({_short(error)})"
+        ) from error

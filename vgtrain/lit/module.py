@@ -58,8 +58,17 @@ class CaptioningModule(L.LightningModule):
         batch_size = batch["input_ids"].shape[0]
         accuracy = out.num_correct.float() / out.num_tokens.clamp(min=1)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", out.loss, prog_bar=True, batch_size=batch_size, on_step=on_step, on_epoch=not on_step)
-        self.log(f"{stage}/token_accuracy", accuracy, batch_size=batch_size, on_step=on_step, on_epoch=not on_step)
+        self.log(
+            f"{stage}/loss",
+            out.loss,
+            prog_bar=True,
+            batch_size=batch_size,
+            on_step=on_step,
+            on_epoch=not on_step,
+        )
+        self.log(
+            f"{stage}/token_accuracy", accuracy, batch_size=batch_size, on_step=on_step, on_epoch=not on_step
+        )
         return out.loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -73,9 +82,7 @@ class CaptioningModule(L.LightningModule):
         decay, no_decay = [], []
         for _, parameter in self.model.trainable_named_parameters():
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-        optimizer = self.optimizer_factory(
-            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        )
+        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
         total = int(self.trainer.estimated_stepping_batches)
         schedule = partial(
             warmup_cosine,
@@ -107,10 +114,16 @@ class CaptioningModule(L.LightningModule):
         fact or tensor) unless ``checkpoint`` was trained with these backbones and adapter shapes."""
         saved = checkpoint.get("vgtrain", {})
         current = self.backbone_facts()
-        for part, keys in (("vision", ("name", "token_dim", "embed_dim", "weights_digest")),
-                           ("llm", ("name", "hidden_size", "vocab_size", "weights_digest"))):
+        for part, keys in (
+            ("vision", ("name", "token_dim", "embed_dim", "weights_digest")),
+            ("llm", ("name", "hidden_size", "vocab_size", "weights_digest")),
+        ):
             for key in keys:
-                if key in saved.get(part, {}) and key in current[part] and saved[part][key] != current[part][key]:
+                if (
+                    key in saved.get(part, {})
+                    and key in current[part]
+                    and saved[part][key] != current[part][key]
+                ):
                     raise CheckpointMismatchError(
                         f"checkpoint was trained with {part} backbone {saved[part].get('name')!r} "
                         f"({key}={saved[part][key]!r}) but the config builds {current[part]['name']!r} "
@@ -118,9 +131,14 @@ class CaptioningModule(L.LightningModule):
                     )
         state, expected = checkpoint["state_dict"], self.state_dict()
         trainable = {f"model.{name}" for name in self.model.trainable_state_dict()}
-        problems = [f"{key} is {list(value.shape)} in the checkpoint but {list(expected[key].shape)} here"
-                    for key, value in state.items() if key in expected and value.shape != expected[key].shape]
-        problems += [f"{key} is in the checkpoint but not in this model" for key in state if key not in expected]
+        problems = [
+            f"{key} is {list(value.shape)} in the checkpoint but {list(expected[key].shape)} here"
+            for key, value in state.items()
+            if key in expected and value.shape != expected[key].shape
+        ]
+        problems += [
+            f"{key} is in the checkpoint but not in this model" for key in state if key not in expected
+        ]
         problems += [f"{key} is missing from the checkpoint" for key in sorted(trainable - set(state))]
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

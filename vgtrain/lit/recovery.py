@@ -61,7 +61,9 @@ class PreemptionCheckpoint(L.Callback):
     Also writes ``last.ckpt`` at the end of training when the final step is not on disk yet.
     """
 
-    def __init__(self, dirpath: str | None = None, filename: str = "last.ckpt", signals: tuple[str, ...] = ("SIGUSR1",)):
+    def __init__(
+        self, dirpath: str | None = None, filename: str = "last.ckpt", signals: tuple[str, ...] = ("SIGUSR1",)
+    ):
         self.dirpath = dirpath
         self.filename = filename
         self.signals = [getattr(signal, name) for name in signals]
@@ -94,7 +96,9 @@ class PreemptionCheckpoint(L.Callback):
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         self._saved_step = trainer.global_step  # whoever saved it, this step is on disk
 
     def _save(self, trainer: L.Trainer) -> Path:
@@ -113,7 +117,9 @@ class PreemptionCheckpoint(L.Callback):
         path = self._save(trainer)
         raise Preempted(signum, preempted_message(signum, trainer.global_step, path))
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         # SIGTERM that arrived after this batch's check: Lightning stops the loop by itself.
         if isinstance(exception, SIGTERMException) and self._saved_step != trainer.global_step:
             path = self._save(trainer)

@@ -22,7 +22,9 @@ class ResumableSampler(DistributedSampler):
     under DDP instead of wrapping it in one of its own."""
 
     def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False
+        )
         self._skip: tuple[int, int] | None = None  # (epoch, indices of this rank to skip)
 
     def skip_in_epoch(self, epoch: int, count: int) -> None:
@@ -41,7 +43,9 @@ class ResumableDataLoader(DataLoader):
     state. With a length (map-style), Lightning does not prefetch ahead of the training step, so
     at checkpoint time the count is exactly the number of batches trained on in this epoch."""
 
-    def __init__(self, dataset: Dataset, *, batch_size: int, sampler: ResumableSampler, **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: Dataset, *, batch_size: int, sampler: ResumableSampler, **kwargs: Any
+    ) -> None:
         # The generator only feeds the loader's base seed; a dedicated one keeps creating an
         # iterator from drawing on the global RNG, which a resumed run would draw at other times.
         kwargs.setdefault("generator", torch.Generator().manual_seed(sampler.seed))

@@ -52,7 +52,9 @@ def build_cross_attention(
     resampler = None
     memory_dim = vision.token_dim
     if resampler_options:
-        resampler = PerceiverResampler(vision.token_dim, num_input_tokens=vision.num_tokens, **resampler_options)
+        resampler = PerceiverResampler(
+            vision.token_dim, num_input_tokens=vision.num_tokens, **resampler_options
+        )
         memory_dim = resampler.width
     adapter = CrossAttentionAdapter(llm.model, llm.hidden_size, memory_dim, **options)
     return adapter, resampler

@@ -48,7 +48,9 @@ class LinearMapper(Mapper):
 class MLPMapper(Mapper):
     """ClipCap's MLP: Linear -> tanh -> Linear, pooled embedding -> K prefix embeddings."""
 
-    def __init__(self, in_dim: int, out_dim: int, prefix_length: int = 10, hidden_dim: int | None = None) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, prefix_length: int = 10, hidden_dim: int | None = None
+    ) -> None:
         super().__init__(prefix_length)
         self.out_dim = out_dim
         hidden_dim = hidden_dim or (out_dim * prefix_length) // 2
@@ -93,7 +95,9 @@ class TransformerMapper(Mapper):
         else:
             self.input_proj = nn.Linear(in_dim, width)
         # Attention is blind to order: patch tokens need to say where they sit in the image.
-        self.input_pos = nn.Parameter(torch.randn(num_input_tokens, width) * 0.02) if num_input_tokens else None
+        self.input_pos = (
+            nn.Parameter(torch.randn(num_input_tokens, width) * 0.02) if num_input_tokens else None
+        )
         self.queries = nn.Parameter(torch.randn(prefix_length, width) * 0.02)
         layer = nn.TransformerEncoderLayer(
             width,

@@ -18,7 +18,9 @@ class PerceiverLayer(nn.Module):
         self.to_kv = nn.Linear(width, 2 * width, bias=False)
         self.to_out = nn.Linear(width, width, bias=False)
         self.ff = nn.Sequential(
-            nn.LayerNorm(width), nn.Linear(width, ff_mult * width, bias=False), nn.GELU(),
+            nn.LayerNorm(width),
+            nn.Linear(width, ff_mult * width, bias=False),
+            nn.GELU(),
             nn.Linear(ff_mult * width, width, bias=False),
         )
 
@@ -49,7 +51,9 @@ class PerceiverResampler(nn.Module):
         self.width = width
         self.num_latents = num_latents
         self.input_proj = nn.Linear(in_dim, width)
-        self.input_pos = nn.Parameter(torch.randn(num_input_tokens, width) * 0.02) if num_input_tokens else None
+        self.input_pos = (
+            nn.Parameter(torch.randn(num_input_tokens, width) * 0.02) if num_input_tokens else None
+        )
         self.latents = nn.Parameter(torch.randn(num_latents, width) * 0.02)
         self.layers = nn.ModuleList(PerceiverLayer(width, num_heads, ff_mult) for _ in range(num_layers))
         self.norm = nn.LayerNorm(width)

@@ -22,7 +22,9 @@ from torch import nn
 class GatedCrossAttentionBlock(nn.Module):
     """Pre-norm multi-head cross-attention then a feed-forward, each behind a tanh gate at 0."""
 
-    def __init__(self, dim: int, memory_dim: int, num_heads: int = 8, head_dim: int = 64, ff_mult: int = 4) -> None:
+    def __init__(
+        self, dim: int, memory_dim: int, num_heads: int = 8, head_dim: int = 64, ff_mult: int = 4
+    ) -> None:
         super().__init__()
         inner = num_heads * head_dim
         self.num_heads = num_heads
@@ -33,7 +35,10 @@ class GatedCrossAttentionBlock(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.ff = nn.Sequential(
-            nn.LayerNorm(dim), nn.Linear(dim, ff_mult * dim, bias=False), nn.GELU(), nn.Linear(ff_mult * dim, dim, bias=False)
+            nn.LayerNorm(dim),
+            nn.Linear(dim, ff_mult * dim, bias=False),
+            nn.GELU(),
+            nn.Linear(ff_mult * dim, dim, bias=False),
         )
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
@@ -94,24 +99,32 @@ class CrossAttentionAdapter(nn.Module):
             raise ValueError(f"cross-attention layers {bad or indices} not in the LLM's {len(stack)} blocks")
         self.layer_indices = indices
         self.blocks = nn.ModuleDict(
-            {str(i): GatedCrossAttentionBlock(hidden_size, memory_dim, num_heads, head_dim, ff_mult) for i in indices}
+            {
+                str(i): GatedCrossAttentionBlock(hidden_size, memory_dim, num_heads, head_dim, ff_mult)
+                for i in indices
+            }
         )
         self._memory: torch.Tensor | None = None
         # Hooks hold the blocks by closure; the LLM's own modules and keys stay as they were.
         self._handles = [
-            stack[i].register_forward_pre_hook(self._hook(self.blocks[str(i)]), with_kwargs=True) for i in indices
+            stack[i].register_forward_pre_hook(self._hook(self.blocks[str(i)]), with_kwargs=True)
+            for i in indices
         ]
 
     def _hook(self, block: GatedCrossAttentionBlock):
         def run(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
             if self._memory is None:
-                raise RuntimeError("cross-attention layers ran without visual memory: wrap the call in adapter.bind(memory)")
+                raise RuntimeError(
+                    "cross-attention layers ran without visual memory: wrap the call in adapter.bind(memory)"
+                )
             hidden = args[0] if args else kwargs["hidden_states"]
             memory = self._memory
             if memory.shape[0] != hidden.shape[0]:
                 # generate() expands the batch for beams / multiple returns with repeat_interleave.
                 if hidden.shape[0] % memory.shape[0]:
-                    raise RuntimeError(f"text batch {hidden.shape[0]} is not a multiple of image batch {memory.shape[0]}")
+                    raise RuntimeError(
+                        f"text batch {hidden.shape[0]} is not a multiple of image batch {memory.shape[0]}"
+                    )
                 memory = memory.repeat_interleave(hidden.shape[0] // memory.shape[0], dim=0)
             hidden = block(hidden, memory.to(hidden.dtype))
             if args:
@@ -132,7 +145,8 @@ class CrossAttentionAdapter(nn.Module):
     def gates(self) -> dict[str, float]:
         """tanh of each layer's gates: how much each block currently changes the LLM."""
         return {
-            f"layer_{i}": float(torch.tanh(self.blocks[str(i)].attn_gate).detach().abs().item()) for i in self.layer_indices
+            f"layer_{i}": float(torch.tanh(self.blocks[str(i)].attn_gate).detach().abs().item())
+            for i in self.layer_indices
         }
 
     def remove(self) -> None:

@@ -78,5 +78,3 @@ class LanguageModel(FrozenModule):
             "vocab_size": self.vocab_size,
             "weights_digest": weights_digest(self.model),
         }
-
-

@@ -131,8 +131,13 @@ def build_vision(
             "Offline, point model.vision.pretrained at a local open_clip checkpoint file."
         ) from error
     return VisionBackbone(
-        clip.visual, preprocess, name=name, source=str(source), pool_tokens=pool_tokens,
-        token_pooling=token_pooling, trainable=trainable
+        clip.visual,
+        preprocess,
+        name=name,
+        source=str(source),
+        pool_tokens=pool_tokens,
+        token_pooling=token_pooling,
+        trainable=trainable,
     )
 
 
@@ -182,7 +187,13 @@ def build_llm(
 # text tower is a placeholder (64-token vocabulary) that no tokenizer can feed, so guidance uses
 # this one, sized for open_clip's bundled BPE tokenizer. open_clip builds the vision tower first,
 # so under the same seed the visual weights are identical to the ones build_vision returns.
-TINY_GUIDANCE_TEXT_CFG: dict[str, Any] = {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}
+TINY_GUIDANCE_TEXT_CFG: dict[str, Any] = {
+    "context_length": 32,
+    "vocab_size": 49408,
+    "width": 64,
+    "heads": 2,
+    "layers": 1,
+}
 
 
 def build_clip(
@@ -257,4 +268,6 @@ def build_llm_tokenizer(
     try:
         return AutoTokenizer.from_pretrained(source)
     except OSError as error:
-        raise BackboneError(f"LLM backbone {name!r}: cannot load the tokenizer from {source!r} ({error})") from error
+        raise BackboneError(
+            f"LLM backbone {name!r}: cannot load the tokenizer from {source!r} ({error})"
+        ) from error

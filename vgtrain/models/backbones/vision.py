@@ -66,9 +66,13 @@ class VisionBackbone(FrozenModule):
         self.token_pooling = token_pooling
         grid = visual.grid_size
         self.grid_size: tuple[int, int] = (grid[0] // pool_tokens, grid[1] // pool_tokens)
-        self.image_size: int = int(visual.image_size[0]) if isinstance(visual.image_size, tuple) else int(visual.image_size)
+        self.image_size: int = (
+            int(visual.image_size[0]) if isinstance(visual.image_size, tuple) else int(visual.image_size)
+        )
         width = int(visual.transformer.width)
-        self.token_dim: int = width * pool_tokens**2 if token_pooling == "concat" and pool_tokens > 1 else width
+        self.token_dim: int = (
+            width * pool_tokens**2 if token_pooling == "concat" and pool_tokens > 1 else width
+        )
         self.embed_dim: int = int(visual.output_dim)
         self.freeze_if_needed()
 
