@@ -52,6 +52,10 @@ def prepare_synthetic_data(cfg: DictConfig) -> None:
     if not options:
         return
     options = OmegaConf.to_container(options, resolve=True)
+    if "root" not in options:
+        raise ConfigError(
+            f"data.synthetic needs a root folder to generate into; got {options} (or set data.synthetic=null)"
+        )
     manifest = write_shapes_dataset(Path(options.pop("root")), **options)
     with open_dict(cfg):
         for split, pattern in manifest["patterns"].items():
