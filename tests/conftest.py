@@ -60,3 +60,19 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_connect(sock, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+
+
+def quiet_trainer(tmp_path: Path, steps: int, **options):
+    """A CPU Lightning Trainer for tests (no logger, progress bar or summary); ``options`` add
+    to or override these settings."""
+    import lightning as L
+
+    settings = {
+        "max_steps": steps,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+    }
+    return L.Trainer(**{**settings, **options})

@@ -7,11 +7,10 @@ import tarfile
 from functools import partial
 from pathlib import Path
 
-import lightning as L
 import torch
 from PIL import Image
 
-from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION
+from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, quiet_trainer
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.shards import write_shard
 from vgtrain.lit.callbacks import TrainingStats
@@ -72,14 +71,10 @@ def test_dirty_shard_stream_keeps_training_and_reports_counts(tmp_path):
         seed=0,
     )
     stats = TrainingStats(log_every_n_steps=1)
-    trainer = L.Trainer(
-        max_steps=12,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer = quiet_trainer(
+        tmp_path,
+        12,
         enable_checkpointing=False,
-        default_root_dir=tmp_path,
         limit_val_batches=0,
         callbacks=[stats],
     )

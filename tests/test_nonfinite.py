@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION
+from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, quiet_trainer
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.errors import NonFiniteError, explain
 from vgtrain.lit.callbacks import NonFiniteGuard
@@ -64,14 +64,10 @@ def _fit(
         cache_features=True,
         vision=module.model.vision,
     )
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer = quiet_trainer(
+        tmp_path,
+        steps,
         enable_checkpointing=False,
-        default_root_dir=tmp_path,
         limit_val_batches=0,
         gradient_clip_val=1.0,
         callbacks=[poison, guard],

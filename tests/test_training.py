@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION
+from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, quiet_trainer
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.lit.datamodule import CaptionDataModule
 from vgtrain.lit.module import CaptioningModule, warmup_cosine
@@ -41,13 +41,9 @@ def _datamodule(module: CaptioningModule, shapes_dir: Path, cache_features: bool
 
 
 def _fit(module, datamodule, tmp_path: Path, steps: int = 12) -> L.Trainer:
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        tmp_path,
+        steps,
         val_check_interval=steps,
         check_val_every_n_epoch=None,
         limit_val_batches=1,

@@ -13,10 +13,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 
-from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION
+from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, quiet_trainer
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.lit.datamodule import CaptionDataModule
 from vgtrain.lit.module import CaptioningModule
@@ -98,14 +97,10 @@ def train_tiny(
         cache_features=True,
         vision=module.model.vision,
     )
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer = quiet_trainer(
+        root,
+        steps,
         enable_checkpointing=False,
-        default_root_dir=root,
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
