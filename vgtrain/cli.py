@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from vgtrain.errors import Preempted, UserExit, explain
 
@@ -13,6 +14,11 @@ COMMANDS = {
     "train": "train an adapter (Hydra overrides follow, e.g. trainer.max_steps=50 model/mapper=mlp)",
     "export": "export a checkpoint's adapter: vgtrain export CKPT OUT_DIR [--bundle-backbones]",
     "caption": "caption images with an export: vgtrain caption --export DIR IMG... [--strategy beam]",
+    "shards": "image-text data -> WebDataset shards: vgtrain shards SOURCE --out DIR [--val-fraction 0.05]",
+    "cache": "precompute frozen vision features beside the shards: vgtrain cache [--batch-size N] OVERRIDES",
+    "eval": "caption a split with an export and score it (BLEU, METEOR, ROUGE-L, CIDEr, SPICE, CLIPScore): "
+    "vgtrain eval export=DIR data.val_urls=... decode=beam",
+    "bench": "training, data and decoding throughput -> bench.json: vgtrain bench [--size smoke] [--only train]",
 }
 
 USAGE = (
@@ -51,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     verbose = "--verbose" in rest or os.environ.get("HYDRA_FULL_ERROR") == "1"
     rest = [arg for arg in rest if arg != "--verbose"]
-    # Hydra reads sys.argv itself; hand it the command's own arguments.
-    sys.argv = [f"vgtrain {command}", *rest]
+    # Hydra reads sys.argv itself; hand it the command's own arguments. For `train`, argv[0] is
+    # a runnable file: Lightning's DDP launcher starts the other ranks by running it again.
+    entry = str(Path(__file__).with_name("train.py")) if command == "train" else f"vgtrain {command}"
+    sys.argv = [entry, *rest]
     try:
         with _errors_raised():
             if command == "train":
@@ -67,6 +75,22 @@ def main(argv: list[str] | None = None) -> int:
                 from vgtrain.decode.cli import main as caption_main
 
                 return caption_main(rest)
+            elif command == "bench":
+                from vgtrain.bench.cli import main as bench_main
+
+                return bench_main(rest)
+            elif command == "shards":
+                from vgtrain.data.ingest.cli import main as shards_main
+
+                return shards_main(rest)
+            elif command == "cache":
+                from vgtrain.cache import main as cache_main
+
+                return cache_main(rest)
+            elif command == "eval":
+                from vgtrain.eval import main as eval_main
+
+                eval_main()
     except UserExit as failed:  # a user error raised inside a Hydra job (see UserExit)
         if verbose:
             raise failed.error from None
@@ -85,4 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # `python -m vgtrain.cli train ...`: without a module spec, Lightning's DDP launcher re-runs
+    # sys.argv[0] (vgtrain/train.py, with the command's overrides) instead of `-m vgtrain.cli`,
+    # which would lose the command name.
+    __spec__ = None  # noqa: F811
     sys.exit(main())

@@ -6,6 +6,7 @@ import inspect
 import json
 import logging
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,11 +37,14 @@ from vgtrain.errors import (
 from vgtrain.evaluation import evaluate_captions, format_examples
 from vgtrain.lit.checkpointing import resolve_resume
 from vgtrain.lit.datamodule import CaptionDataModule
+from vgtrain.lit.init_from import init_from_export
 from vgtrain.lit.module import CaptioningModule
 from vgtrain.lit.recovery import PreemptionCheckpoint
 from vgtrain.paths import CONF_DIR
+from vgtrain.sweep import optimized_value, register_resolvers
 
 log = logging.getLogger(__name__)
+register_resolvers()  # before Hydra composes the config that uses them
 
 # Frozen backbones are in eval mode on purpose (FrozenModule); Lightning warns about it.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -98,7 +102,10 @@ def build_datamodule(cfg: DictConfig, module: CaptioningModule) -> CaptionDataMo
         shuffle_buffer=data.shuffle_buffer,
         seed=cfg.seed,
         cache_features=data.get("cache_features", False),
+        use_cached_features=data.get("use_cached_features", False),
         vision=module.model.vision,
+        resampled=data.get("resampled", True),
+        samples_per_epoch=data.get("samples_per_epoch"),
     )
 
 
@@ -218,6 +225,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     module = build_module(cfg)
     resume_path = resume_checkpoint(cfg, run_dir, module)
+    if cfg.get("init_from") and resume_path is None:  # a resumed run already holds its weights
+        init_from_export(module, cfg.init_from)
     datamodule = build_datamodule(cfg, module)
     module.model.llm.tokenizer.save_pretrained(run_dir / "tokenizer")
     loggers = instantiate_group(cfg.get("logger"))
@@ -242,10 +251,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # flush now, so the run directory stays the last line printed
-    if trainer.is_global_zero:
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        print_metrics(metrics)
-        print(f"\ncheckpoints: {run_dir / 'checkpoints'}\nrun directory:\n{run_dir}")
+    if not trainer.is_global_zero:
+        return {}  # rank 0 reports; the others' metrics are partial (no evaluation)
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    print_metrics(metrics)
+    print(f"\ncheckpoints: {run_dir / 'checkpoints'}\nrun directory:\n{run_dir}")
     return metrics
 
 
@@ -253,9 +263,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)
+        metric = cfg.get("optimized_metric")
+        return optimized_value(metrics, metric) if metric and metrics else None
     except Exception as error:
         message = explain(error)
         if message is None:  # unexpected: Hydra reports it with the traceback
             raise
         raise UserExit(error, message) from error
-    return metrics.get("val/loss")
+
+
+if __name__ == "__main__":
+    # Lightning's DDP launcher starts ranks 1.. by running sys.argv[0] again with the same
+    # overrides; `vgtrain train` points sys.argv[0] at this file (see vgtrain.cli).
+    from vgtrain.cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))

@@ -8,6 +8,7 @@ the training process from any DataLoader worker and are logged as ``data/skipped
 from __future__ import annotations
 
 import io
+import json
 import logging
 import random
 from collections import Counter
@@ -21,7 +22,7 @@ import webdataset as wds
 from PIL import Image
 
 from vgtrain.data.collate import CaptionCollator
-from vgtrain.errors import ShardNotFoundError
+from vgtrain.errors import ConfigError, ShardNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,61 @@ class WorkerShuffle:
         return wds.filters.shuffle(self.bufsize, self.initial, rng=rng)(samples)
 
 
+class CaptionPicker:
+    """Several captions per image (``{key}.json`` holding ``{"captions": [...]}``, as ``vgtrain
+    shards`` writes): with a seed (training) each visit draws one, from an RNG seeded per rank and
+    worker; without one (evaluation, caching) the ``.txt`` caption is used."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self._rng: random.Random | None = None  # made in the worker process that uses it
+
+    def __call__(self, sample: dict[str, Any], caption: str) -> str:
+        if self.seed is None or "json" not in sample:
+            return caption
+        try:
+            listed = json.loads(sample["json"]).get("captions")
+        except (ValueError, AttributeError):
+            return caption  # no usable list: the .txt caption stands
+        choices = [" ".join(str(c).split()) for c in listed or [] if isinstance(c, str) and c.strip()]
+        if len(choices) < 2:
+            return caption
+        if self._rng is None:
+            self._rng = random.Random(wds.utils.make_seed(wds.utils.pytorch_worker_seed(), self.seed))
+        return self._rng.choice(choices)
+
+
+def sample_caption(
+    sample: dict[str, Any], counter: SkipCounter, where: str, picker: CaptionPicker | None = None
+) -> str | None:
+    """The caption of a raw sample (its ``.txt``, or a draw by ``picker``), or None (counted)."""
+    caption = sample.get("txt")
+    if caption is None:
+        counter.skip("missing_caption", where)
+        return None
+    try:
+        caption = caption.decode("utf-8").strip() if isinstance(caption, bytes) else str(caption).strip()
+    except UnicodeDecodeError:
+        counter.skip("bad_caption_encoding", where)
+        return None
+    if not caption:
+        counter.skip("empty_caption", where)
+        return None
+    return picker(sample, caption) if picker is not None else caption
+
+
 class SampleDecoder:
     """Raw tar sample -> {"image": tensor, "caption": str, "key": str}, or None (skipped, counted)."""
 
-    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], counter: SkipCounter) -> None:
+    def __init__(
+        self,
+        transform: Callable[[Image.Image], torch.Tensor],
+        counter: SkipCounter,
+        caption_seed: int | None = None,
+    ) -> None:
         self.transform = transform
         self.counter = counter
+        self.picker = CaptionPicker(caption_seed)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         key = str(sample.get("__key__"))
@@ -103,17 +153,8 @@ class SampleDecoder:
         if image_ext is None:
             self.counter.skip("missing_image", where)
             return None
-        caption = sample.get("txt")
+        caption = sample_caption(sample, self.counter, where, self.picker)
         if caption is None:
-            self.counter.skip("missing_caption", where)
-            return None
-        try:
-            caption = caption.decode("utf-8").strip() if isinstance(caption, bytes) else str(caption).strip()
-        except UnicodeDecodeError:
-            self.counter.skip("bad_caption_encoding", where)
-            return None
-        if not caption:
-            self.counter.skip("empty_caption", where)
             return None
         try:
             with Image.open(io.BytesIO(sample[image_ext])) as image:
@@ -162,18 +203,49 @@ def caption_dataset(
     train: bool,
     shuffle_buffer: int = 1000,
     seed: int = 0,
+    resampled: bool = True,
+    batches_per_epoch: int | None = None,
+    decoder: Callable[[SkipCounter], Callable[[dict[str, Any]], dict[str, Any] | None]] | None = None,
 ) -> wds.DataPipeline:
-    """Training: shards resampled with replacement forever (per-worker seeds), sample shuffle.
-    Evaluation: each shard once, in order, split across nodes and workers, last batch kept."""
+    """Shards -> batches, each rank and DataLoader worker reading its own part.
+
+    Training, ``resampled``: shards drawn with replacement forever, seeded per rank and worker
+    (webdataset's worker seed is ``rank * 1000 + worker``), then a sample shuffle. Training, not
+    ``resampled``: the shard list, shuffled alike on every rank by (seed, pass), is dealt out to
+    ranks then workers, so each reads disjoint shards, pass after pass.
+    ``batches_per_epoch`` (this worker's share) cuts either stream into epochs of known length.
+    Evaluation: each shard once, in order, split across ranks and workers, last batch kept.
+    ``decoder`` builds the per-sample decoder from the skip counter (default: decode the image
+    with ``transform``; cached features use :func:`vgtrain.data.feature_store.cached_decoder`)."""
     shard_list = expand_urls(urls)
     counter = SkipCounter()
-    if train:
+    if train and resampled:
         stages: list[Any] = [wds.ResampledShards(shard_list, seed=seed, deterministic=True)]
+    elif train:
+        # The same shard order on every rank (detshuffle has no rank in its seed) before
+        # splitting: ranks get disjoint shards, and a new order every pass.
+        stages = [wds.SimpleShardList(shard_list), wds.detshuffle(len(shard_list), len(shard_list), seed)]
+        stages += [wds.split_by_node, wds.split_by_worker]
     else:
         stages = [wds.SimpleShardList(shard_list), wds.split_by_node, wds.split_by_worker]
     stages.append(wds.tarfile_to_samples(handler=counter.tar_error))
     if train and shuffle_buffer > 1:
         stages.append(WorkerShuffle(shuffle_buffer, min(shuffle_buffer, 100), seed))
-    stages.append(wds.map(SampleDecoder(transform, counter)))
+    caption_seed = seed if train else None  # training draws among several captions per image
+    stages.append(wds.map(decoder(counter) if decoder else SampleDecoder(transform, counter, caption_seed)))
     stages.append(CountingBatcher(batch_size, collate, counter, partial=not train))
-    return wds.DataPipeline(*stages)
+    pipeline = wds.DataPipeline(*stages)
+    if train and batches_per_epoch:
+        pipeline = pipeline.with_epoch(nbatches=batches_per_epoch)
+    return pipeline
+
+
+def check_shard_split(num_shards: int, world_size: int, num_workers: int, urls: str) -> None:
+    """Disjoint shard reading needs a shard for every (rank, worker); say what to change."""
+    readers = world_size * max(1, num_workers)
+    if num_shards < readers:
+        raise ConfigError(
+            f"data.train_urls has {num_shards} shard(s) for {world_size} rank(s) x {max(1, num_workers)} "
+            f"worker(s) = {readers} readers, and data.resampled=false gives each reader its own shards: "
+            f"write more, smaller shards, lower data.num_workers, or set data.resampled=true ({urls!r})"
+        )

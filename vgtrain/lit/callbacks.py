@@ -17,9 +17,9 @@ log = logging.getLogger(__name__)
 
 
 class TrainingStats(L.Callback):
-    """Logs ``train/samples_per_s``, ``data/skipped`` (cumulative, and by reason), the
-    cross-attention gates (``gates/layer_i``) and, once at the start, the trainable vs frozen
-    parameter counts."""
+    """Logs ``train/samples_per_s`` (all ranks together), ``gpu/max_memory_allocated_gb`` on a
+    GPU, ``data/skipped`` (cumulative, and by reason), the cross-attention gates
+    (``gates/layer_i``) and, once at the start, the trainable vs frozen parameter counts."""
 
     def __init__(self, log_every_n_steps: int = 10) -> None:
         self.log_every_n_steps = log_every_n_steps
@@ -50,7 +50,11 @@ class TrainingStats(L.Callback):
             return
         now = time.perf_counter()
         elapsed = now - self._window_start
-        metrics = {"train/samples_per_s": self._window_samples / elapsed if elapsed > 0 else 0.0}
+        # Every rank takes the same number of samples per step: the global rate is this rank's x ranks.
+        rate = self._window_samples * trainer.world_size / elapsed if elapsed > 0 else 0.0
+        metrics = {"train/samples_per_s": rate}
+        if pl_module.device.type == "cuda":
+            metrics["gpu/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
         metrics["data/skipped"] = float(sum(self.skipped.values()))
         metrics.update({f"data/skipped/{reason}": float(n) for reason, n in self.skipped.items()})
         xattn = getattr(getattr(pl_module, "model", None), "xattn", None)

@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader
 
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.feature_cache import CachedFeatures, compute_features
-from vgtrain.data.pipeline import caption_dataset, stream_seed
+from vgtrain.data.feature_store import cached_decoder, cached_urls
+from vgtrain.data.pipeline import caption_dataset, check_shard_split, expand_urls, stream_seed
+from vgtrain.errors import ConfigError
 from vgtrain.lit.resumable import ResumableDataLoader, ResumableSampler
 from vgtrain.models.backbones.vision import VisionBackbone
 
@@ -27,6 +29,8 @@ class CaptionDataModule(L.LightningDataModule):
     With ``cache_features`` the training split is read once, passed through the frozen
     ``vision`` tower, and training samples shuffled batches of those features from memory, in an
     order fixed by (seed, epoch) that a resumed run picks up at the batch where it stopped.
+    With ``use_cached_features`` training and validation read the features ``vgtrain cache``
+    stored beside the shards (see data/feature_cache.py for when to use which).
     """
 
     def __init__(
@@ -42,10 +46,20 @@ class CaptionDataModule(L.LightningDataModule):
         seed: int = 0,
         cache_features: bool = False,
         vision: VisionBackbone | None = None,
+        resampled: bool = True,
+        samples_per_epoch: int | None = None,
+        use_cached_features: bool = False,
     ) -> None:
         super().__init__()
-        if cache_features and vision is None:
-            raise ValueError("cache_features needs the vision backbone that computes the features")
+        if (cache_features or use_cached_features) and vision is None:
+            raise ValueError("cached features need the vision backbone that computes (or computed) them")
+        if cache_features and use_cached_features:
+            raise ConfigError(
+                "data.cache_features=true (compute features in memory at start) and "
+                "data.use_cached_features=true (read the ones `vgtrain cache` stored) exclude each other; "
+                "set one to false"
+            )
+        self.use_cached_features = use_cached_features
         self.train_urls = train_urls
         self.val_urls = val_urls
         self.transform = transform
@@ -56,28 +70,42 @@ class CaptionDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.cache_features = cache_features
+        self.resampled = resampled
+        self.samples_per_epoch = samples_per_epoch
         self.vision = vision
         self.train_cache: CachedFeatures | None = None
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.use_cached_features:  # fail before training if a cache is missing
+            for urls in (self.train_urls, self.val_urls):
+                if urls:
+                    cached_urls(expand_urls(urls), self.vision)
         if stage == "fit" and self.cache_features and self.train_cache is None:
             self.train_cache = compute_features(
                 self.vision, self.loader(self.train_urls, train=False), "caching train features"
             )
             log.info("cached features of %d training samples", len(self.train_cache))
 
-    def loader(self, urls: str, *, train: bool, seed: int | None = None) -> DataLoader:
-        """Shard stream -> batches. ``train``: resampled forever and shuffled; else each shard once."""
+    def loader(self, urls: str, *, train: bool, seed: int | None = None, cached: bool = False) -> DataLoader:
+        """Shard stream -> batches. ``train``: an endless shuffled stream (resampled shards, or
+        disjoint shards per rank and worker), cut into epochs of ``samples_per_epoch``; else each
+        shard once. ``cached``: the stored features of those shards instead of their images."""
         seed = self.seed if seed is None else seed
         dataset = caption_dataset(
-            urls,
+            cached_urls(expand_urls(urls), self.vision) if cached else urls,
             transform=self.transform,
             collate=self.collator,
             batch_size=self.batch_size if train else self.val_batch_size,
             train=train,
             shuffle_buffer=self.shuffle_buffer,
             seed=seed,
+            resampled=self.resampled,
+            batches_per_epoch=self.worker_batches_per_epoch() if train else None,
+            decoder=cached_decoder(seed if train else None) if cached else None,
         )
+        if train and self.samples_per_epoch:
+            # A length lets Lightning know the steps per epoch (progress bar, epoch-based schedules).
+            dataset = dataset.with_length(self.worker_batches_per_epoch() * max(1, self.num_workers), silent=True)
         return DataLoader(
             dataset,
             batch_size=None,  # the pipeline batches (and counts skips) itself
@@ -89,12 +117,38 @@ class CaptionDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(seed),
         )
 
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def worker_batches_per_epoch(self) -> int | None:
+        """One DataLoader worker's batches per epoch: ``samples_per_epoch`` over the global batch
+        (per-device batch x ranks), shared among the workers (rounded down, at least 1)."""
+        if not self.samples_per_epoch:
+            return None
+        per_rank = self.samples_per_epoch // (self.batch_size * self.world_size)
+        if per_rank < 1:
+            raise ConfigError(
+                f"data.samples_per_epoch={self.samples_per_epoch} is less than one global batch "
+                f"(data.batch_size={self.batch_size} x {self.world_size} rank(s))"
+            )
+        return max(1, per_rank // max(1, self.num_workers))
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         resume_step = trainer.global_step if trainer is not None else 0
+        if self.train_cache is None and not self.resampled:
+            if self.world_size > 1 and not self.samples_per_epoch:
+                raise ConfigError(
+                    "data.resampled=false on several ranks needs data.samples_per_epoch, so that every "
+                    "rank takes the same number of steps per epoch (ranks' shards may differ in size)"
+                )
+            check_shard_split(len(expand_urls(self.train_urls)), self.world_size, self.num_workers, self.train_urls)
         if self.train_cache is None:
             # Resampled stream: a resumed run continues with a fresh seed rather than replaying.
-            return self.loader(self.train_urls, train=True, seed=stream_seed(self.seed, resume_step))
+            return self.loader(
+                self.train_urls, train=True, seed=stream_seed(self.seed, resume_step), cached=self.use_cached_features
+            )
         sampler = ResumableSampler(
             self.train_cache,
             num_replicas=trainer.world_size if trainer is not None else 1,
@@ -111,7 +165,7 @@ class CaptionDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader | list[Any]:
-        return self.loader(self.val_urls, train=False) if self.val_urls else []
+        return self.loader(self.val_urls, train=False, cached=self.use_cached_features) if self.val_urls else []
 
 
 class _ReportOnce:

@@ -13,6 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from vgtrain.errors import CheckpointMismatchError
 from vgtrain.models import VisualPrefixLM, build_model
+from vgtrain.models.prefix_lm import PrefixLMOutput
 from vgtrain.models.backbones.vision import VisualFeatures
 
 
@@ -44,7 +45,7 @@ class CaptioningModule(L.LightningModule):
         self.scheduler_options = scheduler
         self.prompt = prompt
 
-    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+    def _step(self, batch: dict[str, Any], stage: str) -> PrefixLMOutput:
         features = None
         if "visual_tokens" in batch:
             features = VisualFeatures(batch["visual_tokens"], batch["visual_pooled"])
@@ -69,10 +70,23 @@ class CaptioningModule(L.LightningModule):
         self.log(
             f"{stage}/token_accuracy", accuracy, batch_size=batch_size, on_step=on_step, on_epoch=not on_step
         )
-        return out.loss
+        return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        out = self._step(batch, "train")
+        return out.loss * self._token_share(out.num_tokens)
+
+    def _token_share(self, num_tokens: torch.Tensor) -> torch.Tensor | float:
+        """Under data parallelism each rank's loss is a mean over its own caption tokens and DDP
+        averages the gradients over ranks. Weighting by this rank's share of all ranks' tokens
+        turns that average into the mean over the global batch's tokens: the step a single
+        process would take on the whole global batch, whatever the caption lengths."""
+        world_size = self._trainer.world_size if self._trainer is not None else 1
+        if world_size == 1:
+            return 1.0
+        local = num_tokens.detach().float()
+        total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
+        return local * world_size / total.clamp(min=1.0)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._step(batch, "val")
