@@ -8,6 +8,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from vgtrain.paths import CONF_DIR
+from vgtrain.sweep import register_resolvers
 
 GROUPS = [
     "model/vision",
@@ -19,6 +20,8 @@ GROUPS = [
     "callbacks",
     "logger",
     "experiment",
+    "hparams_search",
+    "hydra/launcher",
 ]
 
 
@@ -27,6 +30,7 @@ def _options(group: str) -> list[str]:
 
 
 def _compose(overrides: list[str]):
+    register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=overrides, return_hydra_config=True)
@@ -47,6 +51,8 @@ def test_every_config_option_composes(group, option):
 def test_every_yaml_file_is_covered():
     files = {p.relative_to(CONF_DIR).with_suffix("").as_posix() for p in Path(CONF_DIR).rglob("*.yaml")}
     covered = {f"{group}/{option}" for group, option in CASES} | {"train", "paths/default", "hydra/default"}
+    # eval.yaml and its decode/ group are composed by tests/test_eval.py.
+    covered |= {"eval"} | {f"decode/{option}" for option in _options("decode")}
     assert files <= covered, files - covered
 
 
@@ -67,3 +73,21 @@ def test_xattn_demo_composes_both_routes():
     assert cfg.model.llm.trainable is True  # inherited from the demo
     both = _compose(["experiment=demo_prefix_xattn"])
     assert both.model.mapper.name == "transformer" and both.model.xattn.name == "gated"
+
+
+def test_slurm_launcher_takes_nodes_and_tasks_from_the_trainer():
+    cfg = _compose(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=4"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.nodes == 4 and launcher.tasks_per_node == 8 and launcher.gpus_per_node == 8
+
+
+def test_optuna_search_space_covers_lr_prefix_mapper_and_depth():
+    cfg = _compose(["hparams_search=mapper_optuna"])
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.optimized_metric == "val/loss"
+    assert set(cfg.hydra.sweeper.params) == {
+        "model.optimizer.lr",
+        "model/mapper",
+        "model.mapper.prefix_length",
+        "model.mapper.num_layers",
+    }

@@ -208,3 +208,17 @@ def _an_image(root: Path) -> Path:
     if not path.exists():
         Image.new("RGB", (32, 32), (200, 30, 30)).save(path)
     return path
+
+
+def test_export_is_logged_as_a_wandb_model_artifact(frozen_llm, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    out = tmp_path / "demo-export"
+    assert (
+        export_main([str(frozen_llm.checkpoint), str(out), "--wandb-artifact", "--wandb-project", "t"]) == 0
+    )
+    assert "wandb artifact: t/demo-export" in capsys.readouterr().out
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    records = b"".join(f.read_bytes() for f in run.rglob("*.wandb"))
+    # The artifact lists the export's files, and the manifest travels as its metadata.
+    assert b"demo-export" in records and ADAPTER_FILE.encode() in records and b"weights_digest" in records

@@ -198,6 +198,8 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_the_global_batch(tmp_p
     for name, tensor in single_state.items():
         torch.testing.assert_close(ddp_state[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
     # Gradients flowed (non-zero momentum), so equal weights mean equal steps.
-    optimizer = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)["optimizer_states"]
+    optimizer = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)[
+        "optimizer_states"
+    ]
     assert sum(float(state["momentum_buffer"].abs().sum()) for state in optimizer[0]["state"].values()) > 0
     assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["global_step"] == 4

@@ -31,6 +31,7 @@ from vgtrain.artifact import (
     config_digest,
     model_card,
     path_digest,
+    read_manifest,
     record_files,
     save_adapter,
 )
@@ -286,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         help="copy backbones given by local path into the export, so it can move to another machine",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    parser.add_argument(
+        "--wandb-artifact",
+        action="store_true",
+        help="also log the export folder as a wandb `model` artifact (offline unless logged in)",
+    )
+    parser.add_argument("--wandb-project", default="vgtrain", help="wandb project of the artifact")
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(
@@ -296,4 +303,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"exported {args.checkpoint} -> {out} ({size / 1e6:.2f} MB)")
+    if args.wandb_artifact:
+        print(f"wandb artifact: {log_wandb_artifact(out, args.wandb_project)}")
     return 0
+
+
+def log_wandb_artifact(export_dir: Path, project: str) -> str:
+    """Logs an export folder as a wandb ``model`` artifact named after the folder; returns its
+    name. wandb is imported here only: decoding an export must not need it."""
+    import wandb
+
+    run = wandb.init(project=project, job_type="export", name=f"export-{export_dir.name}")
+    try:
+        artifact = wandb.Artifact(export_dir.name, type="model", metadata=read_manifest(export_dir))
+        artifact.add_dir(str(export_dir))
+        run.log_artifact(artifact)
+    finally:
+        run.finish()
+    return f"{project}/{export_dir.name}"
