@@ -13,8 +13,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from vgtrain.errors import CheckpointMismatchError
 from vgtrain.models import VisualPrefixLM, build_model
-from vgtrain.models.prefix_lm import PrefixLMOutput
 from vgtrain.models.backbones.vision import VisualFeatures
+from vgtrain.models.prefix_lm import PrefixLMOutput
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
