@@ -16,8 +16,7 @@ COMMANDS = {
     "caption": "caption images with an export: vgtrain caption --export DIR IMG... [--strategy beam]",
     "shards": "image-text data -> WebDataset shards: vgtrain shards SOURCE --out DIR [--val-fraction 0.05]",
     "cache": "precompute frozen vision features beside the shards: vgtrain cache [--batch-size N] OVERRIDES",
-    "eval": "caption a split with an export and score it (BLEU, METEOR, ROUGE-L, CIDEr, SPICE, CLIPScore): "
-    "vgtrain eval export=DIR data.val_urls=... decode=beam",
+    "eval": "score an export on a split (COCO metrics, CLIPScore): vgtrain eval export=DIR data.val_urls=...",
     "bench": "training, data and decoding throughput -> bench.json: vgtrain bench [--size smoke] [--only train]",
 }
 
