@@ -3,6 +3,17 @@
 The vision tower is frozen and the demo's transform has no augmentation, so a sample's features
 never change: computing them once and training from the cache removes the vision forward pass
 (about half of the demo's step) and the image decoding from every step.
+
+vgtrain has two feature caches because they serve two sizes of data:
+
+- this one (``data.cache_features=true``): computed at the start of every run over the training
+  split and held in RAM; nothing to prepare or keep on disk, and training visits the samples in
+  a (seed, epoch) permutation that resumes exactly. Right for small data (the demo: 16,000
+  scenes, 38 s to compute);
+- the on-disk one (:mod:`vgtrain.data.feature_store`, ``vgtrain cache`` then
+  ``data.use_cached_features=true``): computed once per backbone and reused by every later run,
+  streamed from shards like the images, so it suits data that does not fit in RAM or is trained
+  on many times.
 """
 
 from __future__ import annotations

@@ -105,7 +105,9 @@ class CaptionDataModule(L.LightningDataModule):
         )
         if train and self.samples_per_epoch:
             # A length lets Lightning know the steps per epoch (progress bar, epoch-based schedules).
-            dataset = dataset.with_length(self.worker_batches_per_epoch() * max(1, self.num_workers), silent=True)
+            dataset = dataset.with_length(
+                self.worker_batches_per_epoch() * max(1, self.num_workers), silent=True
+            )
         return DataLoader(
             dataset,
             batch_size=None,  # the pipeline batches (and counts skips) itself
@@ -143,11 +145,16 @@ class CaptionDataModule(L.LightningDataModule):
                     "data.resampled=false on several ranks needs data.samples_per_epoch, so that every "
                     "rank takes the same number of steps per epoch (ranks' shards may differ in size)"
                 )
-            check_shard_split(len(expand_urls(self.train_urls)), self.world_size, self.num_workers, self.train_urls)
+            check_shard_split(
+                len(expand_urls(self.train_urls)), self.world_size, self.num_workers, self.train_urls
+            )
         if self.train_cache is None:
             # Resampled stream: a resumed run continues with a fresh seed rather than replaying.
             return self.loader(
-                self.train_urls, train=True, seed=stream_seed(self.seed, resume_step), cached=self.use_cached_features
+                self.train_urls,
+                train=True,
+                seed=stream_seed(self.seed, resume_step),
+                cached=self.use_cached_features,
             )
         sampler = ResumableSampler(
             self.train_cache,
@@ -165,7 +172,9 @@ class CaptionDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader | list[Any]:
-        return self.loader(self.val_urls, train=False, cached=self.use_cached_features) if self.val_urls else []
+        if not self.val_urls:
+            return []
+        return self.loader(self.val_urls, train=False, cached=self.use_cached_features)
 
 
 class _ReportOnce:

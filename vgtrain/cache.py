@@ -1,0 +1,93 @@
+"""`vgtrain cache [options] OVERRIDES...`: precompute the frozen vision features of a run's shards.
+
+Takes the same Hydra overrides as `vgtrain train` (``experiment=custom data.train_urls=...
+model/vision=clip_vit_b32``), builds only the vision tower that run would build, and writes its
+features beside each shard of ``data.train_urls`` and ``data.val_urls`` (see
+:mod:`vgtrain.data.feature_store`). Then ``vgtrain train <same overrides>
+data.use_cached_features=true`` trains without decoding an image or running the tower.
+Rerunning resumes: shards already cached by this backbone are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import time
+
+from omegaconf import DictConfig, OmegaConf
+
+SPLITS = ("train", "val")
+
+
+def compose_train_config(overrides: list[str]) -> DictConfig:
+    """The config `vgtrain train OVERRIDES` would run with (no run directory is created)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from vgtrain.paths import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # paths use ${hydra:runtime.cwd}
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vgtrain cache",
+        description="Precompute frozen vision features beside a run's shards. Arguments without a "
+        "leading '-' are `vgtrain train` overrides, e.g. experiment=custom data.train_urls=...",
+    )
+    p.add_argument("--splits", nargs="+", default=list(SPLITS), help="which data.<split>_urls to cache")
+    p.add_argument("--batch-size", type=int, default=64, help="images per vision forward pass")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored precision")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--workers", type=int, default=2, help="threads decoding images")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
+    unknown = [item for item in overrides if item.startswith("-")]
+    if unknown:
+        build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+    from vgtrain.data.feature_store import write_cache
+    from vgtrain.data.pipeline import expand_urls
+    from vgtrain.errors import ConfigError
+    from vgtrain.models.backbones import build_vision
+    from vgtrain.train import prepare_synthetic_data
+
+    cfg = compose_train_config(overrides)
+    prepare_synthetic_data(cfg)
+    vision = build_vision(**OmegaConf.to_container(cfg.model.vision, resolve=True))
+    done = False
+    for split in args.splits:
+        urls = cfg.data.get(f"{split}_urls")
+        if not urls:
+            continue
+        started = time.perf_counter()
+        totals = write_cache(
+            expand_urls(urls),
+            vision,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            device=args.device,
+            workers=args.workers,
+            progress=not args.no_progress,
+            description=f"caching {split} features",
+        )
+        seconds = time.perf_counter() - started
+        skipped = f", skipped {totals['skipped']}" if totals["skipped"] else ""
+        print(
+            f"{split}: {totals['samples']} samples in {totals['shards_written']} new shard(s), "
+            f"{totals['shards_reused']} already cached ({seconds:.1f} s, "
+            f"{totals['samples'] / max(seconds, 1e-9):.0f} img/s){skipped}; features/{totals['tag']}"
+        )
+        done = True
+    if not done:
+        raise ConfigError(f"nothing to cache: data.{'/'.join(args.splits)}_urls are not set")
+    print(f"train with: vgtrain train {' '.join(map(shlex.quote, overrides))} data.use_cached_features=true")
+    return 0

@@ -1,0 +1,5 @@
+"""`vgtrain shards`: turn image-text sources into WebDataset shards (see :mod:`.cli`).
+
+Kept free of torch and webdataset imports at package level: the image workers import
+:mod:`vgtrain.data.ingest.images` and should start fast.
+"""
