@@ -72,3 +72,18 @@ def test_missing_shard_is_named(tmp_path: Path):
     write_shard(tmp_path / "d-000000.tar", [{"__key__": "a", "png": _png((1, 2, 3)), "txt": "x"}])
     with pytest.raises(FileNotFoundError, match="d-000001.tar"):
         expand_urls(str(tmp_path / "d-{000000..000001}.tar"))
+
+
+def test_every_caption_of_an_image_reaches_the_batch_as_its_references(tmp_path: Path):
+    import json
+
+    samples = [
+        {"__key__": "two", "png": _png((255, 0, 0)), "txt": "a red square",
+         "json": json.dumps({"captions": ["a red square", "a  square that is red "]})},
+        {"__key__": "one", "png": _png((0, 0, 255)), "txt": "a blue square"},
+    ]  # fmt: skip
+    shard = tmp_path / "refs-000000.tar"
+    write_shard(shard, samples)
+    (batch,) = list(_dataset(str(shard), train=False))
+    assert batch["captions"] == ["a red square", "a blue square"]  # evaluation: the .txt caption
+    assert batch["references"] == [["a red square", "a square that is red"], ["a blue square"]]

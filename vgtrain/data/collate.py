@@ -57,6 +57,8 @@ class CaptionCollator:
             "captions": captions,
             "keys": [sample.get("key") for sample in samples],
         }
+        if any("references" in sample for sample in samples):  # several captions per image
+            batch["references"] = [sample.get("references", [sample["caption"]]) for sample in samples]
         if "image" in samples[0]:
             batch["pixel_values"] = torch.stack([sample["image"] for sample in samples])
         if "tokens" in samples[0]:  # precomputed visual features (see data/feature_cache.py)

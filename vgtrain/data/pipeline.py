@@ -99,14 +99,21 @@ class CaptionPicker:
         self.seed = seed
         self._rng: random.Random | None = None  # made in the worker process that uses it
 
-    def __call__(self, sample: dict[str, Any], caption: str) -> str:
-        if self.seed is None or "json" not in sample:
-            return caption
+    @staticmethod
+    def listed(sample: dict[str, Any]) -> list[str]:
+        """The non-empty captions of the sample's ``.json`` list (none when it has no usable one)."""
+        if "json" not in sample:
+            return []
         try:
             listed = json.loads(sample["json"]).get("captions")
         except (ValueError, AttributeError):
-            return caption  # no usable list: the .txt caption stands
-        choices = [" ".join(str(c).split()) for c in listed or [] if isinstance(c, str) and c.strip()]
+            return []  # no usable list: the .txt caption stands
+        return [" ".join(c.split()) for c in listed or [] if isinstance(c, str) and c.strip()]
+
+    def __call__(self, sample: dict[str, Any], caption: str) -> str:
+        if self.seed is None:
+            return caption
+        choices = self.listed(sample)
         if len(choices) < 2:
             return caption
         if self._rng is None:
@@ -162,7 +169,11 @@ class SampleDecoder:
         except Exception as error:  # PIL raises many types for corrupt data
             self.counter.skip("bad_image", f"{where}: {error}")
             return None
-        return {"image": pixels, "caption": caption, "key": key}
+        decoded = {"image": pixels, "caption": caption, "key": key}
+        references = CaptionPicker.listed(sample)
+        if len(references) > 1:  # every caption of the image: references for caption metrics
+            decoded["references"] = references
+        return decoded
 
 
 class CountingBatcher:
