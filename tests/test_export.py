@@ -212,11 +212,9 @@ def _an_image(root: Path) -> Path:
 
 def test_export_is_logged_as_a_wandb_model_artifact(frozen_llm, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     out = tmp_path / "demo-export"
-    assert (
-        export_main([str(frozen_llm.checkpoint), str(out), "--wandb-artifact", "--wandb-project", "t"]) == 0
-    )
+    command = [str(frozen_llm.checkpoint), str(out), "--wandb-artifact", "--wandb-project", "t"]
+    assert export_main([*command, "--wandb-dir", str(tmp_path)]) == 0
     assert "wandb artifact: t/demo-export" in capsys.readouterr().out
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     records = b"".join(f.read_bytes() for f in run.rglob("*.wandb"))

@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         help="also log the export folder as a wandb `model` artifact (offline unless logged in)",
     )
     parser.add_argument("--wandb-project", default="vgtrain", help="wandb project of the artifact")
+    parser.add_argument("--wandb-dir", default=None, help="where wandb keeps its run files (default: ./wandb)")
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(
@@ -304,16 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"exported {args.checkpoint} -> {out} ({size / 1e6:.2f} MB)")
     if args.wandb_artifact:
-        print(f"wandb artifact: {log_wandb_artifact(out, args.wandb_project)}")
+        print(f"wandb artifact: {log_wandb_artifact(out, args.wandb_project, args.wandb_dir)}")
     return 0
 
 
-def log_wandb_artifact(export_dir: Path, project: str) -> str:
+def log_wandb_artifact(export_dir: Path, project: str, wandb_dir: str | None = None) -> str:
     """Logs an export folder as a wandb ``model`` artifact named after the folder; returns its
     name. wandb is imported here only: decoding an export must not need it."""
     import wandb
 
-    run = wandb.init(project=project, job_type="export", name=f"export-{export_dir.name}")
+    run = wandb.init(project=project, job_type="export", name=f"export-{export_dir.name}", dir=wandb_dir)
     try:
         artifact = wandb.Artifact(export_dir.name, type="model", metadata=read_manifest(export_dir))
         artifact.add_dir(str(export_dir))
