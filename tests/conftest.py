@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,61 @@ TINY_VISION = {
 }
 TINY_LLM = {"name": "tiny", "arch": {"width": 64, "layers": 2, "heads": 2}}
 TINY_MAPPER = {"name": "transformer", "prefix_length": 4, "width": 64, "num_layers": 1, "num_heads": 2}
+# The same backbones and mapper as `vgtrain train` overrides, for tests of the real command line.
+TINY_MODEL_OVERRIDES = [
+    "model.vision.arch.image_size=32",
+    "model.vision.arch.width=64",
+    "model.vision.arch.layers=1",
+    "model.vision.arch.embed_dim=32",
+    "model.llm.arch.width=64",
+    "model.llm.arch.layers=2",
+    "model.llm.arch.heads=2",
+    "model.mapper.width=64",
+    "model.mapper.num_layers=1",
+    "model.mapper.num_heads=2",
+    "model.mapper.prefix_length=4",
+]
+
+
+def tiny_module(lr: float = 3e-3, **llm_overrides):
+    """A CaptioningModule on the TINY_* backbones and mapper (AdamW, short warmup)."""
+    from functools import partial
+
+    import torch
+
+    from vgtrain.lit.module import CaptioningModule
+
+    return CaptioningModule(
+        vision=dict(TINY_VISION),
+        llm={**TINY_LLM, **llm_overrides},
+        mapper=dict(TINY_MAPPER),
+        optimizer=partial(torch.optim.AdamW, lr=lr),
+        scheduler={"warmup_steps": 2, "min_lr_ratio": 0.1},
+    )
+
+
+def tiny_datamodule(module, train_urls: str, val_urls: str | None = None, **options):
+    """A CaptionDataModule for ``module``'s backbones and tokenizer; ``options`` add to or
+    override batch 16, no DataLoader workers."""
+    from vgtrain.data.collate import CaptionCollator
+    from vgtrain.lit.datamodule import CaptionDataModule
+
+    collator = CaptionCollator(module.model.llm.tokenizer, prefix_length=module.model.prefix_length)
+    settings = {"batch_size": 16, "num_workers": 0, "vision": module.model.vision, **options}
+    return CaptionDataModule(train_urls, val_urls, module.model.vision.transform, collator, **settings)
+
+
+def run_vgtrain(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`vgtrain ARGS` in a fresh process (offline, one thread unless ``env`` says otherwise)."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "vgtrain.cli", *args],
+        cwd=cwd,
+        env={**environment, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,10 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
+
+from tests.conftest import TINY_MODEL_OVERRIDES, run_vgtrain
 
 TINY_OVERRIDES = [
     "logger=csv",
@@ -19,17 +17,7 @@ TINY_OVERRIDES = [
     "data.batch_size=16",
     "data.val_batch_size=32",
     "data.num_workers=0",
-    "model.vision.arch.image_size=32",
-    "model.vision.arch.width=64",
-    "model.vision.arch.layers=1",
-    "model.vision.arch.embed_dim=32",
-    "model.llm.arch.width=64",
-    "model.llm.arch.layers=2",
-    "model.llm.arch.heads=2",
-    "model.mapper.width=64",
-    "model.mapper.num_layers=1",
-    "model.mapper.num_heads=2",
-    "model.mapper.prefix_length=4",
+    *TINY_MODEL_OVERRIDES,
     "model.optimizer.lr=3e-3",
     "model.scheduler.warmup_steps=5",
     "trainer.max_steps=40",
@@ -39,21 +27,9 @@ TINY_OVERRIDES = [
 ]
 
 
-def _vgtrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run(
-        [sys.executable, "-m", "vgtrain.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_train_runs_end_to_end_and_loss_goes_down(tmp_path):
     run_dir = tmp_path / "run"
-    result = _vgtrain(
+    result = run_vgtrain(
         "train", *TINY_OVERRIDES, f"hydra.run.dir={run_dir}", f"paths.data_dir={tmp_path}", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -82,10 +58,10 @@ def test_train_runs_end_to_end_and_loss_goes_down(tmp_path):
 
 
 def test_help_and_config_printing(tmp_path):
-    top = _vgtrain("--help", cwd=tmp_path)
+    top = run_vgtrain("--help", cwd=tmp_path)
     assert top.returncode == 0 and "train" in top.stdout
-    job = _vgtrain("train", "--cfg", "job", "model/mapper=mlp", "trainer.max_steps=7", cwd=tmp_path)
+    job = run_vgtrain("train", "--cfg", "job", "model/mapper=mlp", "trainer.max_steps=7", cwd=tmp_path)
     assert job.returncode == 0, job.stderr
     assert "name: mlp" in job.stdout and "max_steps: 7" in job.stdout
-    bad = _vgtrain("train", "trainer.max_stepz=5", cwd=tmp_path)
+    bad = run_vgtrain("train", "trainer.max_stepz=5", cwd=tmp_path)
     assert bad.returncode != 0 and "max_stepz" in bad.stderr

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION
+from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, run_vgtrain
 from tests.tiny_checkpoints import Trained, heldout_images, tiny_llama_folder, train_tiny
 from vgtrain.artifact import ADAPTER_FILE, MANIFEST_FILE, ArtifactError
 from vgtrain.decode import Decoding, VisualDecoder, generate_captions
@@ -189,21 +186,9 @@ def test_bad_images_get_error_results_and_the_rest_are_captioned(exported, image
     assert [results[0].text, results[3].text] == [r.text for r in good]
 
 
-def _vgtrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run(
-        [sys.executable, "-m", "vgtrain.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_caption_command_end_to_end(trained, images, tmp_path):
     exported = tmp_path / "export"
-    result = _vgtrain("export", str(trained.checkpoint), str(exported), cwd=tmp_path)
+    result = run_vgtrain("export", str(trained.checkpoint), str(exported), cwd=tmp_path)
     assert result.returncode == 0 and exported.is_dir(), result.stderr
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -219,7 +204,7 @@ def test_caption_command_end_to_end(trained, images, tmp_path):
         )
     }
 
-    run = _vgtrain(
+    run = run_vgtrain(
         "caption", "--export", str(exported), str(folder), "list.txt", "--max-new-tokens", "10", cwd=tmp_path
     )
     assert run.returncode == 0, run.stderr
@@ -229,7 +214,9 @@ def test_caption_command_end_to_end(trained, images, tmp_path):
         "vgtrain caption: error: missing.png: no such file"
     ]  # relative to list.txt
 
-    beam = _vgtrain("caption", "--export", str(exported), str(folder), "--beams", "2", "--json", cwd=tmp_path)
+    beam = run_vgtrain(
+        "caption", "--export", str(exported), str(folder), "--beams", "2", "--json", cwd=tmp_path
+    )
     records = [json.loads(line) for line in beam.stdout.splitlines()]
     assert beam.returncode == 0 and len(records) == 2
     assert all(

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import io
 import tarfile
-from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, quiet_trainer
+from tests.conftest import quiet_trainer, tiny_datamodule, tiny_module
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.shards import write_shard
 from vgtrain.lit.callbacks import TrainingStats
-from vgtrain.lit.datamodule import CaptionDataModule
-from vgtrain.lit.module import CaptioningModule
 
 
 def _png(value: int) -> bytes:
@@ -52,24 +49,8 @@ def _dirty_shards(folder: Path) -> str:
 
 def test_dirty_shard_stream_keeps_training_and_reports_counts(tmp_path):
     urls = _dirty_shards(tmp_path)
-    module = CaptioningModule(
-        vision=dict(TINY_VISION),
-        llm=dict(TINY_LLM),
-        mapper=dict(TINY_MAPPER),
-        optimizer=partial(torch.optim.AdamW, lr=3e-3),
-        scheduler={"warmup_steps": 2, "min_lr_ratio": 0.1},
-    )
-    collator = CaptionCollator(module.model.llm.tokenizer, prefix_length=module.model.prefix_length)
-    datamodule = CaptionDataModule(
-        urls,
-        None,
-        module.model.vision.transform,
-        collator,
-        batch_size=4,
-        num_workers=0,
-        shuffle_buffer=8,
-        seed=0,
-    )
+    module = tiny_module()
+    datamodule = tiny_datamodule(module, urls, batch_size=4, shuffle_buffer=8, seed=0)
     stats = TrainingStats(log_every_n_steps=1)
     trainer = quiet_trainer(
         tmp_path,

@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, quiet_trainer
+from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, quiet_trainer, tiny_datamodule, tiny_module
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.feature_store import FeatureCacheError, cache_identity, cache_tag, cached_urls, write_cache
 from vgtrain.data.pipeline import expand_urls
@@ -45,24 +45,14 @@ class LossLog(L.Callback):
 def _train(tmp_path: Path, shards: dict[str, str], cached: bool, steps: int = 5) -> list[float]:
     """Per-step training losses; fails unless every batch carried the expected input."""
     L.seed_everything(0)
-    module = CaptioningModule(
-        vision=dict(TINY_VISION),
-        llm=dict(TINY_LLM),
-        mapper=dict(TINY_MAPPER),
-        optimizer=partial(torch.optim.AdamW, lr=3e-3),
-        scheduler={"warmup_steps": 2, "min_lr_ratio": 0.1},
-    )
-    collator = CaptionCollator(module.model.llm.tokenizer, prefix_length=module.model.prefix_length)
-    datamodule = CaptionDataModule(
+    module = tiny_module()
+    datamodule = tiny_datamodule(
+        module,
         shards["train"],
         shards["val"],
-        module.model.vision.transform,
-        collator,
         batch_size=8,
-        num_workers=0,
         shuffle_buffer=32,
         seed=0,
-        vision=module.model.vision,
         use_cached_features=cached,
     )
     log = LossLog()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.conftest import tiny_datamodule, tiny_module
 from tests.ingest_fixtures import (
     CONVERTED,
     GOOD,
@@ -237,15 +238,11 @@ def test_img2dataset_output_is_validated_and_resharded(tmp_path):
 def test_written_shards_train_and_every_good_item_reaches_the_model(tmp_path):
     """The shards go through the training pipeline: nothing skipped there, every good item read
     once per pass, several captions per image drawn in training; a few steps train."""
-    from functools import partial
 
     import torch
 
-    from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, quiet_trainer
-    from vgtrain.data.collate import CaptionCollator
+    from tests.conftest import quiet_trainer
     from vgtrain.lit.callbacks import TrainingStats
-    from vgtrain.lit.datamodule import CaptionDataModule
-    from vgtrain.lit.module import CaptioningModule
 
     out = tmp_path / "out"
     assert (
@@ -261,17 +258,8 @@ def test_written_shards_train_and_every_good_item_reaches_the_model(tmp_path):
         == 0
     )
     pattern = json.loads((out / "manifest.json").read_text())["patterns"]["train"]
-    module = CaptioningModule(
-        vision=dict(TINY_VISION),
-        llm=dict(TINY_LLM),
-        mapper=dict(TINY_MAPPER),
-        optimizer=partial(torch.optim.AdamW, lr=3e-3),
-        scheduler={"warmup_steps": 2, "min_lr_ratio": 0.1},
-    )
-    collator = CaptionCollator(module.model.llm.tokenizer, prefix_length=module.model.prefix_length)
-    datamodule = CaptionDataModule(
-        pattern, None, module.model.vision.transform, collator, batch_size=4, num_workers=0, shuffle_buffer=8
-    )
+    module = tiny_module()
+    datamodule = tiny_datamodule(module, pattern, batch_size=4, shuffle_buffer=8)
     keys, skipped = [], {}
     for batch in datamodule.loader(pattern, train=False):
         keys += batch["keys"]

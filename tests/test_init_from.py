@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -15,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_LLM
+from tests.conftest import TINY_LLM, TINY_MODEL_OVERRIDES, run_vgtrain
 from tests.tiny_checkpoints import train_tiny
 from vgtrain.cli import main
 from vgtrain.data.collate import CaptionCollator
@@ -32,17 +30,7 @@ TINY = [
     "model/llm=tiny",
     "model.llm.trainable=true",
     "model.vision.token_pooling=mean",
-    "model.vision.arch.image_size=32",
-    "model.vision.arch.width=64",
-    "model.vision.arch.layers=1",
-    "model.vision.arch.embed_dim=32",
-    "model.llm.arch.width=64",
-    "model.llm.arch.layers=2",
-    "model.llm.arch.heads=2",
-    "model.mapper.width=64",
-    "model.mapper.num_layers=1",
-    "model.mapper.num_heads=2",
-    "model.mapper.prefix_length=4",
+    *TINY_MODEL_OVERRIDES,
     "model.scheduler.warmup_steps=5",
     "data.batch_size=16",
     "data.val_batch_size=32",
@@ -55,15 +43,7 @@ TINY = [
 
 def _train(run_dir: Path, *overrides: str) -> list[float]:
     """`vgtrain train experiment=custom ...` in a subprocess; returns the logged training losses."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "vgtrain.cli", "train", *TINY, *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=run_dir.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_vgtrain("train", *TINY, *overrides, f"hydra.run.dir={run_dir}", cwd=run_dir.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").open())
     return [float(row["train/loss"]) for row in rows if row.get("train/loss")]

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-from functools import partial
 
 import lightning as L
 import pytest
 import torch
 
-from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, quiet_trainer
-from vgtrain.data.collate import CaptionCollator
+from tests.conftest import quiet_trainer, tiny_datamodule, tiny_module
 from vgtrain.errors import NonFiniteError, explain
 from vgtrain.lit.callbacks import NonFiniteGuard
-from vgtrain.lit.datamodule import CaptionDataModule
 from vgtrain.lit.module import CaptioningModule
 
 
@@ -45,25 +42,9 @@ class PoisonBatches(L.Callback):
 def _fit(
     shapes_dir, tmp_path, poison: PoisonBatches, guard: NonFiniteGuard, steps: int
 ) -> tuple[L.Trainer, CaptioningModule]:
-    module = CaptioningModule(
-        vision=dict(TINY_VISION),
-        llm=dict(TINY_LLM),
-        mapper=dict(TINY_MAPPER),
-        optimizer=partial(torch.optim.AdamW, lr=3e-3),
-        scheduler={"warmup_steps": 2, "min_lr_ratio": 0.1},
-    )
+    module = tiny_module()
     patterns = json.loads((shapes_dir / "manifest.json").read_text())["patterns"]
-    collator = CaptionCollator(module.model.llm.tokenizer, prefix_length=module.model.prefix_length)
-    datamodule = CaptionDataModule(
-        patterns["train"],
-        None,
-        module.model.vision.transform,
-        collator,
-        batch_size=16,
-        num_workers=0,
-        cache_features=True,
-        vision=module.model.vision,
-    )
+    datamodule = tiny_datamodule(module, patterns["train"], cache_features=True)
     trainer = quiet_trainer(
         tmp_path,
         steps,

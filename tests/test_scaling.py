@@ -1,9 +1,7 @@
 """Scaling out: trainer presets, data split across ranks and workers, DDP on CPU processes."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION
+from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_MODEL_OVERRIDES, TINY_VISION, run_vgtrain
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.pipeline import caption_dataset, check_shard_split
 from vgtrain.data.synthetic import write_shapes_dataset
@@ -124,11 +122,7 @@ def test_samples_per_epoch_sets_the_steps_per_epoch(shapes_dir, tmp_path):
 
 
 def _train(run_dir: Path, data_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "vgtrain.cli",
+    return run_vgtrain(
         "train",
         "logger=csv",
         "evaluate.enabled=false",
@@ -144,17 +138,7 @@ def _train(run_dir: Path, data_dir: Path, *overrides: str) -> subprocess.Complet
         "data.synthetic.num_heldout=8",
         "data.synthetic.image_size=32",
         "data.synthetic.samples_per_shard=4",
-        "model.vision.arch.image_size=32",
-        "model.vision.arch.width=64",
-        "model.vision.arch.layers=1",
-        "model.vision.arch.embed_dim=32",
-        "model.llm.arch.width=64",
-        "model.llm.arch.layers=2",
-        "model.llm.arch.heads=2",
-        "model.mapper.width=64",
-        "model.mapper.num_layers=1",
-        "model.mapper.num_heads=2",
-        "model.mapper.prefix_length=4",
+        *TINY_MODEL_OVERRIDES,
         "model.scheduler.warmup_steps=2",
         "trainer.max_steps=4",
         "trainer.limit_val_batches=0",
@@ -167,8 +151,8 @@ def _train(run_dir: Path, data_dir: Path, *overrides: str) -> subprocess.Complet
         "+model.optimizer.momentum=0.9",
         "model.optimizer.lr=0.1",
         *overrides,
-    ]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=run_dir.parent)
+        cwd=run_dir.parent,
+    )
 
 
 def test_ddp_on_two_cpu_processes_equals_one_process_with_the_global_batch(tmp_path):

@@ -1,13 +1,12 @@
 """Sweeps through the real CLI: an Optuna search and a grid, each trial its own run and wandb run."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
+from tests.conftest import TINY_MODEL_OVERRIDES, run_vgtrain
 from vgtrain.data.synthetic import write_shapes_dataset
 
 TINY_TRIAL = [
@@ -21,15 +20,12 @@ TINY_TRIAL = [
     "data.synthetic.num_heldout=8",
     "data.synthetic.image_size=32",
     "data.synthetic.samples_per_shard=16",
-    "model.vision.arch.image_size=32",
-    "model.vision.arch.width=64",
-    "model.vision.arch.layers=1",
-    "model.vision.arch.embed_dim=32",
-    "model.llm.arch.width=32",
-    "model.llm.arch.layers=1",
-    "model.llm.arch.heads=2",
-    "model.mapper.width=32",
-    "model.mapper.num_heads=2",
+    # prefix length and depth are left to the search space
+    *[
+        o
+        for o in TINY_MODEL_OVERRIDES
+        if not o.startswith(("model.mapper.prefix_length", "model.mapper.num_layers"))
+    ],
     "model.scheduler.warmup_steps=1",
     "trainer.max_steps=2",
     "trainer.val_check_interval=2",
@@ -50,18 +46,10 @@ def _sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
         samples_per_shard=16,
         progress=False,
     )
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-        "WANDB_API_KEY": FAKE_API_KEY,
-        "OMP_NUM_THREADS": "1",
-    }
-    command = [
-        sys.executable, "-m", "vgtrain.cli", "train", "-m", *TINY_TRIAL,
-        f"paths.data_dir={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides,
-    ]  # fmt: skip
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    return run_vgtrain(
+        "train", "-m", *TINY_TRIAL, f"paths.data_dir={tmp_path}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *overrides, cwd=tmp_path, env={"WANDB_API_KEY": FAKE_API_KEY},
+    )  # fmt: skip
 
 
 def test_optuna_search_runs_four_trials_and_records_the_best(tmp_path):

@@ -8,35 +8,17 @@ import lightning as L
 import pytest
 import torch
 
-from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, quiet_trainer
-from vgtrain.data.collate import CaptionCollator
+from tests.conftest import TINY_MAPPER, TINY_VISION, quiet_trainer, tiny_datamodule, tiny_module
 from vgtrain.lit.datamodule import CaptionDataModule
 from vgtrain.lit.module import CaptioningModule, warmup_cosine
 
-
-def _module(**llm_overrides) -> CaptioningModule:
-    return CaptioningModule(
-        vision=dict(TINY_VISION),
-        llm={**TINY_LLM, **llm_overrides},
-        mapper=dict(TINY_MAPPER),
-        optimizer=partial(torch.optim.AdamW, lr=3e-3),
-        scheduler={"warmup_steps": 2, "min_lr_ratio": 0.1},
-    )
+_module = tiny_module
 
 
 def _datamodule(module: CaptioningModule, shapes_dir: Path, cache_features: bool) -> CaptionDataModule:
     patterns = json.loads((shapes_dir / "manifest.json").read_text())["patterns"]
-    collator = CaptionCollator(module.model.llm.tokenizer, prefix_length=module.model.prefix_length)
-    return CaptionDataModule(
-        patterns["train"],
-        patterns["val"],
-        module.model.vision.transform,
-        collator,
-        batch_size=16,
-        val_batch_size=32,
-        num_workers=0,
-        cache_features=cache_features,
-        vision=module.model.vision,
+    return tiny_datamodule(
+        module, patterns["train"], patterns["val"], val_batch_size=32, cache_features=cache_features
     )
 
 

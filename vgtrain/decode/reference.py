@@ -2,8 +2,7 @@
 
 They state the algorithms as directly as possible (one forward pass per candidate, in Python
 loops) so that tests can check the cached strategies against them token for token, and so that
-bench/decode_throughput.py has a no-cache baseline (``generate`` always caches when it is given
-``inputs_embeds``: transformers overrides ``use_cache=False`` there).
+`vgtrain bench` has a no-cache MAGIC baseline (vgtrain/bench/decode.py).
 """
 
 from __future__ import annotations

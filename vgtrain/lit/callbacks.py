@@ -101,6 +101,7 @@ class NonFiniteGuard(L.Callback):
         self.consecutive = 0
         self._loss_ok: torch.Tensor | None = None  # on device: read once per step, not per micro-batch
         self._keys: list[str] = []  # of the micro-batches accumulated into the coming step
+        self._gradient_norm: float | None = None  # of this step's good gradients, for clipping
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -120,7 +121,8 @@ class NonFiniteGuard(L.Callback):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         # One fused norm over all gradients (any inf/NaN makes it non-finite): a per-tensor check
         # costs ~100 small ops a step, which tiny models notice.
-        checks = [torch.isfinite(torch.nn.utils.get_total_norm(grads))] if grads else []
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        checks = [torch.isfinite(norm)] if norm is not None else []
         if self._loss_ok is not None:
             checks.append(self._loss_ok.to(checks[0].device) if checks else self._loss_ok)
         finite = bool(torch.stack(checks).all()) if checks else True  # one device sync per step
@@ -129,6 +131,11 @@ class NonFiniteGuard(L.Callback):
         keys, self._keys, self._loss_ok = self._keys, [], None
         if not bad:
             self.consecutive = 0
+            # Known after the sync above; norm clipping reuses it instead of reading every gradient
+            # again (CaptioningModule.configure_gradient_clipping). One process only: under DDP
+            # the gradients agree but Lightning's own clipping stays in charge of sharded ones.
+            if norm is not None and trainer.world_size == 1:
+                self._gradient_norm = float(norm)
             return
         optimizer.zero_grad(set_to_none=True)
         self.skipped += 1
@@ -145,6 +152,11 @@ class NonFiniteGuard(L.Callback):
             trainer.global_step,
             shown or "unknown",
         )
+
+    def take_gradient_norm(self) -> float | None:
+        """The total gradient norm measured for the coming optimizer step (once), or None."""
+        norm, self._gradient_norm = self._gradient_norm, None
+        return norm
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -71,9 +71,12 @@ def build_tiny_gpt2(
     heads: int = 4,
     max_positions: int = 128,
     init_seed: int = 0,
+    vocab_size: int | None = None,
 ) -> GPT2LMHeadModel:
+    """``vocab_size`` pads the embedding and output head beyond the tokenizer (never fewer rows):
+    with width 768, 12 layers, 12 heads and 50257 it is GPT-2 small's size (124M), for benchmarks."""
     config = GPT2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), vocab_size or 0),
         n_embd=width,
         n_layer=layers,
         n_head=heads,
