@@ -293,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also log the export folder as a wandb `model` artifact (offline unless logged in)",
     )
     parser.add_argument("--wandb-project", default="vgtrain", help="wandb project of the artifact")
-    parser.add_argument("--wandb-dir", default=None, help="where wandb keeps its run files (default: ./wandb)")
+    parser.add_argument(
+        "--wandb-dir", default=None, help="where wandb keeps its run files (default: ./wandb)"
+    )
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(
