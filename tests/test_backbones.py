@@ -61,3 +61,16 @@ def test_llm_loads_from_a_local_folder(tmp_path):
     assert local.source == str(tmp_path)
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(local.model(ids).logits, tiny.model(ids).logits)
+
+
+def test_vision_tower_runs_in_fp32_under_cpu_autocast():
+    """CPU bf16 autocast is several times slower for the open_clip tower; encode opts out."""
+    vision = build_vision(**TINY_VISION)
+    images = torch.randn(2, 3, 32, 32)
+    reference = vision.encode(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = vision.encode(images)
+        assert torch.is_autocast_enabled("cpu")  # the caller's autocast is left as it was
+    assert features.tokens.dtype == torch.float32
+    torch.testing.assert_close(features.tokens, reference.tokens)
+    torch.testing.assert_close(features.pooled, reference.pooled)
