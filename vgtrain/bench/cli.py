@@ -66,7 +66,12 @@ def decode_section(size: Size, train: TrainBench | None, device: torch.device, l
         )
         log(f"  {big.name}: done")
     speedups = {name: m["kv_cache_speedup_by_strategy"]["greedy"] for name, m in models.items()}
-    return {"kv_cache_speedup": speedups[scale.name], "kv_cache_speedup_by_model": speedups, "models": models}
+    # The headline is ClipCap's setting, GPT-2-small recomputing its whole sequence per token; the
+    # tiny demo LM (3 layers, width 192) is bound by per-step overhead, where a cache saves little.
+    headline = (
+        speedups.get(size.clipcap.name, speedups[scale.name]) if size.decode_clipcap else speedups[scale.name]
+    )
+    return {"kv_cache_speedup": headline, "kv_cache_speedup_by_model": speedups, "models": models}
 
 
 def main(argv: list[str] | None = None) -> int:
