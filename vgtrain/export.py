@@ -31,7 +31,6 @@ from vgtrain.artifact import (
     config_digest,
     model_card,
     path_digest,
-    read_manifest,
     record_files,
     save_adapter,
 )
@@ -307,20 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"exported {args.checkpoint} -> {out} ({size / 1e6:.2f} MB)")
     if args.wandb_artifact:
+        from vgtrain.wandb_artifact import log_wandb_artifact  # wandb only when asked for
+
         print(f"wandb artifact: {log_wandb_artifact(out, args.wandb_project, args.wandb_dir)}")
     return 0
-
-
-def log_wandb_artifact(export_dir: Path, project: str, wandb_dir: str | None = None) -> str:
-    """Logs an export folder as a wandb ``model`` artifact named after the folder; returns its
-    name. wandb is imported here only: decoding an export must not need it."""
-    import wandb
-
-    run = wandb.init(project=project, job_type="export", name=f"export-{export_dir.name}", dir=wandb_dir)
-    try:
-        artifact = wandb.Artifact(export_dir.name, type="model", metadata=read_manifest(export_dir))
-        artifact.add_dir(str(export_dir))
-        run.log_artifact(artifact)
-    finally:
-        run.finish()
-    return f"{project}/{export_dir.name}"
