@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -150,14 +151,18 @@ def test_training_history_from_csv_and_wandb_logs(tmp_path) -> None:
     assert "<polyline" in loss_svg(history.curves)
     assert "no CSV or wandb log" in training_history(None, tmp_path / "empty").missing
 
-    wandb = pytest.importorskip("wandb")
-    run = wandb.init(
-        mode="offline", dir=str(tmp_path), project="vgtrain-test", settings=wandb.Settings(silent=True)
-    )
-    for step, loss in ((10, 2.0), (20, 1.0)):
-        run.log({"train/loss": loss, "trainer/global_step": step})
-    run.log({"val/loss": 1.5, "trainer/global_step": 20})
-    run.finish()
+    pytest.importorskip("wandb")
+    # A process of its own, as a training run is: wandb's service writes the log asynchronously and
+    # has flushed it for certain only once the process that logged has exited.
+    script = f"""
+import wandb
+run = wandb.init(mode="offline", dir={str(tmp_path)!r}, project="vgtrain-test", settings=wandb.Settings(silent=True))
+for step, loss in ((10, 2.0), (20, 1.0)):
+    run.log({{"train/loss": loss, "trainer/global_step": step}})
+run.log({{"val/loss": 1.5, "trainer/global_step": 20}})
+run.finish()
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
     (log,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     assert read_wandb_log(log) == {"train/loss": [(10.0, 2.0), (20.0, 1.0)], "val/loss": [(20.0, 1.5)]}
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_LLM
+from tests.conftest import TINY_LLM, run_vgtrain
 from tests.tiny_checkpoints import Trained, tiny_llama_folder, train_tiny
 from vgtrain.artifact import ADAPTER_FILE, MANIFEST_FILE, ArtifactError, config_digest
 from vgtrain.decode import VisualDecoder
@@ -210,12 +210,13 @@ def _an_image(root: Path) -> Path:
     return path
 
 
-def test_export_is_logged_as_a_wandb_model_artifact(frozen_llm, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+def test_export_is_logged_as_a_wandb_model_artifact(frozen_llm, tmp_path):
+    # Through the CLI in its own process: wandb's log is flushed for certain once that has exited.
     out = tmp_path / "demo-export"
     command = [str(frozen_llm.checkpoint), str(out), "--wandb-artifact", "--wandb-project", "t"]
-    assert export_main([*command, "--wandb-dir", str(tmp_path)]) == 0
-    assert "wandb artifact: t/demo-export" in capsys.readouterr().out
+    result = run_vgtrain("export", *command, "--wandb-dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "wandb artifact: t/demo-export" in result.stdout
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     records = b"".join(f.read_bytes() for f in run.rglob("*.wandb"))
     # The artifact lists the export's files, and the manifest travels as its metadata.
