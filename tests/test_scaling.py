@@ -12,7 +12,16 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_MODEL_OVERRIDES, TINY_VISION, run_vgtrain
+from tests.conftest import (
+    TINY_LLM,
+    TINY_MAPPER,
+    TINY_MODEL_OVERRIDES,
+    TINY_VISION,
+    quiet_trainer,
+    run_vgtrain,
+    tiny_datamodule,
+    tiny_module,
+)
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.pipeline import caption_dataset, check_shard_split
 from vgtrain.data.synthetic import write_shapes_dataset
@@ -99,19 +108,8 @@ def test_too_few_shards_for_ranks_and_workers_is_a_clear_error():
 
 
 def test_samples_per_epoch_sets_the_steps_per_epoch(shapes_dir, tmp_path):
-    from tests.conftest import quiet_trainer
-    from vgtrain.lit.datamodule import CaptionDataModule
-
-    model = build_model(dict(TINY_VISION), dict(TINY_LLM), dict(TINY_MAPPER))
-    datamodule = CaptionDataModule(
-        train_urls=str(shapes_dir / "train-{000000..000001}.tar"),
-        val_urls=None,
-        transform=model.vision.transform,
-        collator=CaptionCollator(model.llm.tokenizer, prefix_length=model.prefix_length),
-        batch_size=8,
-        num_workers=0,
-        samples_per_epoch=40,
-    )
+    urls = str(shapes_dir / "train-{000000..000001}.tar")
+    datamodule = tiny_datamodule(tiny_module(), urls, batch_size=8, samples_per_epoch=40)
     datamodule.trainer = quiet_trainer(tmp_path, steps=1)
     loader = datamodule.train_dataloader()
     assert len(loader) == 5 and sum(1 for _ in loader) == 5  # 40 samples / batch 8, every epoch

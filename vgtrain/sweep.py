@@ -21,6 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vgtrain.data.shards import atomic_write_text
+from vgtrain.errors import ConfigError
 
 TRIALS_LOG = "trials.jsonl"
 TRIALS_SUMMARY = "trials.json"
@@ -50,8 +51,6 @@ def optimized_value(metrics: dict[str, Any], metric: str) -> float | None:
     if metric not in metrics:
         if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
             return None
-        from vgtrain.errors import ConfigError
-
         raise ConfigError(
             f"optimized_metric={metric!r} was not produced by this run; it logged: {', '.join(sorted(metrics))}"
         )
