@@ -43,7 +43,7 @@ def tiny_module(lr: float = 3e-3, **llm_overrides):
 
     import torch
 
-    from vgtrain.lit.module import CaptioningModule
+    from vgtrain.training.module import CaptioningModule
 
     return CaptioningModule(
         vision=dict(TINY_VISION),
@@ -58,7 +58,7 @@ def tiny_datamodule(module, train_urls: str, val_urls: str | None = None, **opti
     """A CaptionDataModule for ``module``'s backbones and tokenizer; ``options`` add to or
     override batch 16, no DataLoader workers."""
     from vgtrain.data.collate import CaptionCollator
-    from vgtrain.lit.datamodule import CaptionDataModule
+    from vgtrain.training.datamodule import CaptionDataModule
 
     collator = CaptionCollator(module.model.llm.tokenizer, prefix_length=module.model.prefix_length)
     settings = {"batch_size": 16, "num_workers": 0, "vision": module.model.vision, **options}

@@ -7,8 +7,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from vgtrain.paths import CONF_DIR
-from vgtrain.sweep import register_resolvers
+from vgtrain.config.paths import CONF_DIR
+from vgtrain.config.resolvers import register_resolvers
 
 GROUPS = [
     "model/vision",

@@ -12,13 +12,13 @@ import torch
 
 from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, run_vgtrain
 from tests.tiny_checkpoints import Trained, heldout_images, tiny_llama_folder, train_tiny
-from vgtrain.artifact import ADAPTER_FILE, MANIFEST_FILE, ArtifactError
+from vgtrain.cli.caption import main as caption_main
 from vgtrain.decode import Decoding, VisualDecoder, generate_captions
-from vgtrain.decode.cli import main as caption_main
 from vgtrain.decode.images import open_image
 from vgtrain.decode.magic import magic_search
 from vgtrain.decode.reference import greedy_reference, magic_reference
-from vgtrain.export import export_checkpoint
+from vgtrain.export.artifact import ADAPTER_FILE, MANIFEST_FILE, ArtifactError
+from vgtrain.export.writer import export_checkpoint
 from vgtrain.models import build_model
 
 QUESTIONS = ["what is it?", "what colour is the shape on the left of the image?", "where?"]

@@ -13,7 +13,7 @@ from tests.tiny_checkpoints import heldout_images, tiny_llama_folder, train_tiny
 from vgtrain.decode import VisualDecoder, generate_captions
 from vgtrain.decode.images import open_image
 from vgtrain.decode.reference import greedy_reference
-from vgtrain.export import export_checkpoint
+from vgtrain.export.writer import export_checkpoint
 from vgtrain.models import build_model
 
 XATTN = {"name": "gated", "every": 1, "num_heads": 2, "head_dim": 16, "ff_mult": 2}

@@ -12,7 +12,7 @@ from PIL import Image
 from tests.conftest import quiet_trainer, tiny_datamodule, tiny_module
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.shards import write_shard
-from vgtrain.lit.callbacks import TrainingStats
+from vgtrain.training.callbacks import TrainingStats
 
 
 def _png(value: int) -> bytes:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import vgtrain.train  # noqa: F401  Lightning binds a log handler to stderr on import: not to a test's capsys
+import vgtrain.cli.train  # noqa: F401  Lightning binds a log handler to stderr on import: not to a test's capsys
 from tests.test_cli import TINY_OVERRIDES
 from vgtrain import cli
 
@@ -139,7 +139,7 @@ def test_tokenizer_without_eos_names_where_it_came_from(monkeypatch, capsys, sha
 
 
 def test_out_of_memory_names_the_knobs(monkeypatch, capsys, shapes_dir, tmp_path):
-    from vgtrain.lit.module import CaptioningModule
+    from vgtrain.training.module import CaptioningModule
 
     def out_of_memory(self, batch, batch_idx):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

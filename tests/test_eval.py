@@ -5,21 +5,21 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from tests.tiny_checkpoints import train_tiny
 from vgtrain.cli import main as cli_main
+from vgtrain.config.paths import CONF_DIR
 from vgtrain.data.shards import write_shard
-from vgtrain.export import export_checkpoint
+from vgtrain.evaluation.report import loss_svg, training_history
+from vgtrain.export.writer import export_checkpoint
 from vgtrain.metrics import METRIC_KEYS
-from vgtrain.paths import CONF_DIR
-from vgtrain.report import loss_svg, read_wandb_log, training_history
 
 NUM_IMAGES = 6
 
@@ -140,7 +140,7 @@ def test_bad_export_and_bad_decode_option_are_one_line_errors(eval_shard, tmp_pa
     assert "has no option 'num_beams'" in capsys.readouterr().err
 
 
-def test_training_history_from_csv_and_wandb_logs(tmp_path) -> None:
+def test_training_history_from_the_csv_log(tmp_path) -> None:
     run_dir = tmp_path / "train_run"
     (run_dir / "csv" / "version_0").mkdir(parents=True)
     (run_dir / "csv" / "version_0" / "metrics.csv").write_text(
@@ -149,22 +149,14 @@ def test_training_history_from_csv_and_wandb_logs(tmp_path) -> None:
     history = training_history(None, run_dir)
     assert history.curves == {"train/loss": [(9.0, 3.0), (19.0, 2.0)], "val/loss": [(19.0, 2.2)]}
     assert "<polyline" in loss_svg(history.curves)
-    assert "no CSV or wandb log" in training_history(None, tmp_path / "empty").missing
+    assert "no CSV metrics log" in training_history(None, tmp_path / "empty").missing
 
-    pytest.importorskip("wandb")
-    # A process of its own, as a training run is: wandb's service writes the log asynchronously and
-    # has flushed it for certain only once the process that logged has exited.
-    script = f"""
-import wandb
-run = wandb.init(mode="offline", dir={str(tmp_path)!r}, project="vgtrain-test", settings=wandb.Settings(silent=True))
-for step, loss in ((10, 2.0), (20, 1.0)):
-    run.log({{"train/loss": loss, "trainer/global_step": step}})
-run.log({{"val/loss": 1.5, "trainer/global_step": 20}})
-run.finish()
-"""
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
-    (log,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
-    assert read_wandb_log(log) == {"train/loss": [(10.0, 2.0), (20.0, 1.0)], "val/loss": [(20.0, 1.5)]}
+
+def test_the_wandb_logger_preset_writes_the_csv_log_the_report_reads() -> None:
+    """The report reads no wandb file: a wandb run must leave the CSV log beside it."""
+    loggers = OmegaConf.load(CONF_DIR / "logger" / "wandb.yaml")
+    assert loggers.wandb._target_.endswith("WandbLogger")
+    assert loggers.csv._target_ == "lightning.pytorch.loggers.CSVLogger" and loggers.csv.name == "csv"
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONF_DIR / "decode").glob("*.yaml")))

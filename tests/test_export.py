@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 from tests.conftest import TINY_LLM, run_vgtrain
 from tests.tiny_checkpoints import Trained, tiny_llama_folder, train_tiny
-from vgtrain.artifact import ADAPTER_FILE, MANIFEST_FILE, ArtifactError, config_digest
+from vgtrain.cli.export import main as export_main
 from vgtrain.decode import VisualDecoder
-from vgtrain.export import ExportError, export_checkpoint
-from vgtrain.export import main as export_main
+from vgtrain.export.artifact import ADAPTER_FILE, MANIFEST_FILE, ArtifactError, config_digest
+from vgtrain.export.writer import ExportError, export_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_local_vision_checkpoint_is_bundled_and_verified(frozen_llm, tmp_path):
 
 def test_export_and_decoder_do_not_import_the_training_stack():
     code = (
-        "import sys, vgtrain.export, vgtrain.decode, vgtrain.decode.cli;"
+        "import sys, vgtrain.export.writer, vgtrain.decode, vgtrain.cli.caption;"
         "bad = [m for m in ('lightning', 'hydra', 'wandb', 'webdataset') if m in sys.modules];"
         "assert not bad, bad"
     )

@@ -16,10 +16,10 @@ from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, quiet_trainer, ti
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.feature_store import FeatureCacheError, cache_identity, cache_tag, cached_urls, write_cache
 from vgtrain.data.pipeline import expand_urls
-from vgtrain.lit.datamodule import CaptionDataModule
-from vgtrain.lit.module import CaptioningModule
 from vgtrain.models.backbones import build_vision
 from vgtrain.models.backbones.vision import VisualFeatures
+from vgtrain.training.datamodule import CaptionDataModule
+from vgtrain.training.module import CaptioningModule
 
 
 @pytest.fixture(scope="module")

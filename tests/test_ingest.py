@@ -242,7 +242,7 @@ def test_written_shards_train_and_every_good_item_reaches_the_model(tmp_path):
     import torch
 
     from tests.conftest import quiet_trainer
-    from vgtrain.lit.callbacks import TrainingStats
+    from vgtrain.training.callbacks import TrainingStats
 
     out = tmp_path / "out"
     assert (

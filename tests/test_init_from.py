@@ -19,9 +19,9 @@ from vgtrain.cli import main
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.pipeline import caption_dataset
 from vgtrain.errors import CheckpointMismatchError
-from vgtrain.export import export_checkpoint
-from vgtrain.lit.init_from import InitFromError, init_from_export
-from vgtrain.lit.module import CaptioningModule
+from vgtrain.export.writer import export_checkpoint
+from vgtrain.training.init_from import InitFromError, init_from_export
+from vgtrain.training.module import CaptioningModule
 
 # `vgtrain train experiment=custom` with the backbones and mapper of tests.conftest's TINY_* dicts.
 TINY = [

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from tests.conftest import quiet_trainer, tiny_datamodule, tiny_module
-from vgtrain.errors import NonFiniteError, explain
-from vgtrain.lit.callbacks import NonFiniteGuard
-from vgtrain.lit.module import CaptioningModule
+from vgtrain.cli.explain import explain
+from vgtrain.errors import NonFiniteError
+from vgtrain.training.callbacks import NonFiniteGuard
+from vgtrain.training.module import CaptioningModule
 
 
 class PoisonBatches(L.Callback):

@@ -20,9 +20,9 @@ from torch import nn
 
 from tests.test_cli import TINY_OVERRIDES
 from vgtrain.errors import ConfigError, Preempted
-from vgtrain.lit.checkpointing import AtomicCheckpointIO, find_resume_checkpoint, resolve_resume
-from vgtrain.lit.recovery import PreemptionCheckpoint, RNGState
-from vgtrain.lit.resumable import ResumableDataLoader, ResumableSampler
+from vgtrain.training.checkpointing import AtomicCheckpointIO, find_resume_checkpoint, resolve_resume
+from vgtrain.training.recovery import PreemptionCheckpoint, RNGState
+from vgtrain.training.resumable import ResumableDataLoader, ResumableSampler
 
 # ---------------------------------------------------------------- the real CLI, killed and resumed
 
@@ -175,7 +175,7 @@ def test_resume_auto_skips_a_truncated_checkpoint(tmp_path, caplog):
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     (checkpoints / "step000008.ckpt.tmp-4242").write_bytes(b"half a checkpoint")
 
-    with caplog.at_level(logging.WARNING, logger="vgtrain.lit.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="vgtrain.training.checkpointing"):
         path, checkpoint = find_resume_checkpoint(tmp_path)
     assert path.name == "step000004.ckpt" and checkpoint["global_step"] == 4
     warned = caplog.text

@@ -22,14 +22,14 @@ from tests.conftest import (
     tiny_datamodule,
     tiny_module,
 )
+from vgtrain.config.paths import CONF_DIR
+from vgtrain.config.resolvers import register_resolvers
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.pipeline import caption_dataset, check_shard_split
 from vgtrain.data.synthetic import write_shapes_dataset
 from vgtrain.errors import ConfigError
-from vgtrain.lit.strategies import DecoderBlockPolicy
 from vgtrain.models import build_model
-from vgtrain.paths import CONF_DIR
-from vgtrain.sweep import register_resolvers
+from vgtrain.training.strategies import DecoderBlockPolicy
 
 
 def _compose(overrides: list[str]):

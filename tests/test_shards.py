@@ -12,7 +12,8 @@ import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 
-from vgtrain.data.shards import atomic_write_text, brace_pattern, shard_path, write_shard
+from vgtrain.data.shards import brace_pattern, shard_path, write_shard
+from vgtrain.files import atomic_write_text
 
 
 def _png(value: int) -> bytes:

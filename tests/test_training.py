@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import TINY_MAPPER, TINY_VISION, quiet_trainer, tiny_datamodule, tiny_module
-from vgtrain.lit.datamodule import CaptionDataModule
-from vgtrain.lit.module import CaptioningModule, warmup_cosine
+from vgtrain.training.datamodule import CaptionDataModule
+from vgtrain.training.module import CaptioningModule, warmup_cosine
 
 _module = tiny_module
 

@@ -17,8 +17,8 @@ import torch
 
 from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, quiet_trainer
 from vgtrain.data.collate import CaptionCollator
-from vgtrain.lit.datamodule import CaptionDataModule
-from vgtrain.lit.module import CaptioningModule
+from vgtrain.training.datamodule import CaptionDataModule
+from vgtrain.training.module import CaptioningModule
 
 
 @dataclass

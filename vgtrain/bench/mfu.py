@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vgtrain.lit.module import CaptioningModule
 from vgtrain.models.backbones.vision import VisualFeatures
+from vgtrain.training.module import CaptioningModule
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

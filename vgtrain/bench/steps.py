@@ -18,10 +18,10 @@ from omegaconf import OmegaConf
 
 from vgtrain.bench.machine import PeakMemory, synchronize
 from vgtrain.bench.sizes import Scale
-from vgtrain.lit.callbacks import NonFiniteGuard, TrainingStats
-from vgtrain.lit.datamodule import CaptionDataModule
-from vgtrain.lit.module import CaptioningModule
-from vgtrain.paths import CONF_DIR
+from vgtrain.config.paths import CONF_DIR
+from vgtrain.training.callbacks import NonFiniteGuard, TrainingStats
+from vgtrain.training.datamodule import CaptionDataModule
+from vgtrain.training.module import CaptioningModule
 
 PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed"}
 # ClipCap's optimizer settings (AdamW, lr 2e-5, linear warmup); the loop baseline uses the same.

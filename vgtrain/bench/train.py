@@ -17,7 +17,7 @@ from vgtrain.bench.sizes import ROUTES, Scale, Size
 from vgtrain.bench.steps import Timing, build_module, pooled, time_fit
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.feature_cache import CachedFeatures
-from vgtrain.lit.datamodule import CaptionDataModule
+from vgtrain.training.datamodule import CaptionDataModule
 
 MIB = 2**20
 

@@ -31,8 +31,9 @@ import webdataset as wds
 from tqdm import tqdm
 
 from vgtrain.data.pipeline import CaptionPicker, SampleDecoder, SkipCounter, sample_caption
-from vgtrain.data.shards import atomic_write_text, write_shard
+from vgtrain.data.shards import write_shard
 from vgtrain.errors import UserError
+from vgtrain.files import atomic_write_text
 from vgtrain.models.backbones.vision import VisionBackbone
 
 FEATURES_DIR = "features"

@@ -1,13 +1,7 @@
-"""Atomic WebDataset shard writing and shard naming helpers.
-
-Every file is written to a temporary sibling and moved into place with
-``os.replace``, so readers never observe a half-written shard or manifest and an
-interrupted run leaves nothing that looks complete.
-"""
+"""Atomic WebDataset shard writing (see :mod:`vgtrain.files`) and shard naming helpers."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,24 +9,15 @@ from typing import Any
 
 import webdataset as wds
 
-__all__ = ["atomic_write_text", "brace_pattern", "shard_path", "write_shard"]
+from vgtrain.files import atomic_path
+
+__all__ = ["brace_pattern", "shard_path", "write_shard"]
 
 # TarWriter stamps every member with time.time() unless told otherwise; a fixed
 # mtime/owner makes shards byte-identical for identical samples. It must be an
 # int: tarfile (PAX format) stores a float mtime in an extra 1 KiB PAX header.
 _TAR_MTIME = 0
 _TAR_USER = "vgtrain"
-
-
-def _temp_path(path: Path) -> Path:
-    # Same folder as the target so os.replace is a same-filesystem rename;
-    # the pid keeps concurrent writers of the same target apart.
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
-def _remove_quietly(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
 
 
 def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> int:
@@ -43,41 +28,18 @@ def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> int:
     Returns the number of samples written. On any exception the temporary file
     is removed and ``path`` is left as it was (absent, or its previous content).
     """
-    path = Path(path)
-    tmp = _temp_path(path)
     count = 0
-    try:
-        with open(tmp, "wb") as stream:
-            writer = wds.TarWriter(stream, user=_TAR_USER, group=_TAR_USER, mtime=_TAR_MTIME)
-            try:
-                for sample in samples:
-                    writer.write(sample)
-                    count += 1
-            finally:
-                writer.close()  # does not close `stream`; the with-block does
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # BaseException too: a Ctrl-C mid-shard must not leave a stray temp file.
-        _remove_quietly(tmp)
-        raise
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as stream:
+        writer = wds.TarWriter(stream, user=_TAR_USER, group=_TAR_USER, mtime=_TAR_MTIME)
+        try:
+            for sample in samples:
+                writer.write(sample)
+                count += 1
+        finally:
+            writer.close()  # does not close `stream`; the with-block does
+        stream.flush()
+        os.fsync(stream.fileno())
     return count
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
 
 
 def shard_path(directory: Path, prefix: str, index: int, suffix: str = ".tar", width: int = 6) -> Path:

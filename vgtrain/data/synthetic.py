@@ -22,7 +22,8 @@ from typing import Any
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from vgtrain.data.shards import atomic_write_text, brace_pattern, shard_path, write_shard
+from vgtrain.data.shards import brace_pattern, shard_path, write_shard
+from vgtrain.files import atomic_write_text
 
 RGB = tuple[int, int, int]
 

@@ -15,7 +15,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vgtrain.artifact import (
+from vgtrain.decode.base import Candidate, DecodeInputs, Decoding
+from vgtrain.decode.clip_guidance import ClipGuide
+from vgtrain.decode.images import ImageError, image_name, open_image
+from vgtrain.decode.strategies import get_strategy
+from vgtrain.export.artifact import (
     DEFAULT_QUESTION_TEMPLATE,
     TOKENIZER_DIR,
     ArtifactError,
@@ -23,10 +27,6 @@ from vgtrain.artifact import (
     read_manifest,
     resolve_backbone_config,
 )
-from vgtrain.decode.base import Candidate, DecodeInputs, Decoding
-from vgtrain.decode.clip_guidance import ClipGuide
-from vgtrain.decode.images import ImageError, image_name, open_image
-from vgtrain.decode.strategies import get_strategy
 from vgtrain.models import VisualPrefixLM, build_model
 from vgtrain.models.backbones.vision import VisualFeatures
 from vgtrain.models.prefix_lm import prompt_token_ids

@@ -13,13 +13,13 @@ from vgtrain.data.ingest.records import (
     ImageRef,
     IngestError,
     Record,
+    RecordSet,
     SkipLog,
     add_caption,
     clean_caption,
     make_key,
     normalize_split,
 )
-from vgtrain.data.ingest.sources import RecordSet
 
 
 @lru_cache(maxsize=4)

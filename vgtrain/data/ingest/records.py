@@ -117,3 +117,25 @@ def add_caption(record: Record, caption: str, log: SkipLog, where: str) -> None:
         log.skip("duplicate_caption", where)
     else:
         record.captions.append(caption)
+
+
+class RecordSet:
+    """Records by key, in insertion order. A second image under a key already taken is counted as
+    ``duplicate_key`` and left out (the first one, in sorted source order, is kept)."""
+
+    def __init__(self, log: SkipLog) -> None:
+        self.log = log
+        self.by_key: dict[str, Record] = {}
+
+    def add(self, record: Record, where: str) -> bool:
+        if record.key in self.by_key:
+            self.log.skip(
+                "duplicate_key",
+                f"{where} (key {record.key!r} is already {self.by_key[record.key].image.describe()})",
+            )
+            return False
+        self.by_key[record.key] = record
+        return True
+
+    def records(self) -> list[Record]:
+        return list(self.by_key.values())

@@ -24,6 +24,7 @@ from vgtrain.data.ingest.records import (
     ImageRef,
     IngestError,
     Record,
+    RecordSet,
     SkipLog,
     add_caption,
     clean_caption,
@@ -33,28 +34,6 @@ from vgtrain.data.ingest.records import (
 
 TABLE_NAMES = ("captions.csv", "captions.tsv", "captions.jsonl")
 TAR_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
-
-
-class RecordSet:
-    """Records by key, in insertion order. A second image under a key already taken is counted as
-    ``duplicate_key`` and left out (the first one, in sorted source order, is kept)."""
-
-    def __init__(self, log: SkipLog) -> None:
-        self.log = log
-        self.by_key: dict[str, Record] = {}
-
-    def add(self, record: Record, where: str) -> bool:
-        if record.key in self.by_key:
-            self.log.skip(
-                "duplicate_key",
-                f"{where} (key {record.key!r} is already {self.by_key[record.key].image.describe()})",
-            )
-            return False
-        self.by_key[record.key] = record
-        return True
-
-    def records(self) -> list[Record]:
-        return list(self.by_key.values())
 
 
 def read_folder(root: Path, log: SkipLog) -> list[Record]:

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from vgtrain.data.ingest.images import ImageOptions, PreparedImage, prepare_job
 from vgtrain.data.ingest.records import IngestError, Record, SkipLog
-from vgtrain.data.shards import atomic_write_text, brace_pattern, shard_path, write_shard
+from vgtrain.data.shards import brace_pattern, shard_path, write_shard
+from vgtrain.files import atomic_write_text
 
 FORMAT = "vgtrain-shards"
 FORMAT_VERSION = 1

@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
+from vgtrain.errors import UserError
 from vgtrain.models.backbones.llm import LanguageModel
 from vgtrain.models.backbones.packaged import converted_gguf_folder
 from vgtrain.models.backbones.tiny import build_tiny_gpt2, build_tiny_tokenizer, tiny_open_clip_config
 from vgtrain.models.backbones.vision import VisionBackbone
 
 
-class BackboneError(RuntimeError):
+class BackboneError(UserError, RuntimeError):
     """A backbone that cannot be resolved or loaded; the message says what to change."""
 
 

@@ -12,10 +12,10 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from vgtrain.errors import CheckpointMismatchError
-from vgtrain.lit.callbacks import NonFiniteGuard
 from vgtrain.models import VisualPrefixLM, build_model
 from vgtrain.models.backbones.vision import VisualFeatures
 from vgtrain.models.prefix_lm import PrefixLMOutput
+from vgtrain.training.callbacks import NonFiniteGuard
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:

@@ -16,8 +16,8 @@ from vgtrain.data.feature_cache import CachedFeatures, compute_features
 from vgtrain.data.feature_store import cached_decoder, cached_urls
 from vgtrain.data.pipeline import caption_dataset, check_shard_split, expand_urls, stream_seed
 from vgtrain.errors import ConfigError
-from vgtrain.lit.resumable import ResumableDataLoader, ResumableSampler
 from vgtrain.models.backbones.vision import VisionBackbone
+from vgtrain.training.resumable import ResumableDataLoader, ResumableSampler
 
 log = logging.getLogger(__name__)
 

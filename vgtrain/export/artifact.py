@@ -1,4 +1,4 @@
-"""The export artifact's format, shared by its writer (vgtrain.export) and reader (vgtrain.decode).
+"""The export artifact's format, shared by its writer (vgtrain.export.writer) and reader (vgtrain.decode).
 
 An export directory holds::
 

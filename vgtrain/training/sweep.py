@@ -1,4 +1,5 @@
-"""Hyperparameter sweeps: every trial's result in one file, and one wandb group per sweep.
+"""Hyperparameter sweeps: every trial's result in one file (the wandb group per sweep is the
+``vgtrain_sweep_group`` resolver of :mod:`vgtrain.config.resolvers`).
 
 A sweep is Hydra's multirun (`vgtrain train -m ...`): a grid from comma-separated overrides, or
 an Optuna search with `hparams_search=mapper_optuna`. Each trial is an ordinary training run in
@@ -20,29 +21,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vgtrain.data.shards import atomic_write_text
 from vgtrain.errors import ConfigError
+from vgtrain.files import atomic_write_text
 
 TRIALS_LOG = "trials.jsonl"
 TRIALS_SUMMARY = "trials.json"
-
-
-def sweep_group() -> str | None:
-    """wandb group of this run: the sweep's directory name in a multirun, none otherwise.
-
-    Registered as the ``vgtrain_sweep_group`` resolver (conf/logger/wandb.yaml)."""
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
-    sweep_dir = Path(hydra_cfg.sweep.dir)
-    return f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}"
-
-
-def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("vgtrain_sweep_group"):
-        OmegaConf.register_new_resolver("vgtrain_sweep_group", sweep_group)
 
 
 def optimized_value(metrics: dict[str, Any], metric: str) -> float | None:

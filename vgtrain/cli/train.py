@@ -6,23 +6,23 @@ import inspect
 import json
 import logging
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from vgtrain.cli.explain import explain
+from vgtrain.config.build import instantiate_group, prepare_synthetic_data
+from vgtrain.config.paths import CONF_DIR
+from vgtrain.config.resolvers import register_resolvers
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.pipeline import expand_urls
-from vgtrain.data.shards import atomic_write_text
-from vgtrain.data.synthetic import write_shapes_dataset
 from vgtrain.errors import (
     CheckpointMismatchError,
     ConfigError,
@@ -30,41 +30,23 @@ from vgtrain.errors import (
     Preempted,
     ShardNotFoundError,
     UserExit,
-    explain,
     is_out_of_memory,
     oom_knobs,
 )
-from vgtrain.evaluation import evaluate_captions, format_examples
-from vgtrain.lit.checkpointing import resolve_resume
-from vgtrain.lit.datamodule import CaptionDataModule
-from vgtrain.lit.init_from import init_from_export
-from vgtrain.lit.module import CaptioningModule
-from vgtrain.lit.recovery import PreemptionCheckpoint
-from vgtrain.paths import CONF_DIR
-from vgtrain.sweep import optimized_value, register_resolvers
+from vgtrain.evaluation.heldout import evaluate_captions, format_examples
+from vgtrain.files import atomic_write_text
+from vgtrain.training.checkpointing import resolve_resume
+from vgtrain.training.datamodule import CaptionDataModule
+from vgtrain.training.init_from import init_from_export
+from vgtrain.training.module import CaptioningModule
+from vgtrain.training.recovery import PreemptionCheckpoint
+from vgtrain.training.sweep import optimized_value
 
 log = logging.getLogger(__name__)
 register_resolvers()  # before Hydra composes the config that uses them
 
 # Frozen backbones are in eval mode on purpose (FrozenModule); Lightning warns about it.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-
-
-def prepare_synthetic_data(cfg: DictConfig) -> None:
-    """Generates the embedded dataset if the data config asks for it; fills in its shard URLs."""
-    options = cfg.data.get("synthetic")
-    if not options:
-        return
-    options = OmegaConf.to_container(options, resolve=True)
-    if "root" not in options:
-        raise ConfigError(
-            f"data.synthetic needs a root folder to generate into; got {options} (or set data.synthetic=null)"
-        )
-    manifest = write_shapes_dataset(Path(options.pop("root")), **options)
-    with open_dict(cfg):
-        for split, pattern in manifest["patterns"].items():
-            if cfg.data.get(f"{split}_urls") is None:
-                cfg.data[f"{split}_urls"] = pattern
 
 
 def build_module(cfg: DictConfig) -> CaptioningModule:
@@ -107,10 +89,6 @@ def build_datamodule(cfg: DictConfig, module: CaptioningModule) -> CaptionDataMo
         resampled=data.get("resampled", True),
         samples_per_epoch=data.get("samples_per_epoch"),
     )
-
-
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    return [instantiate(item) for item in (group or {}).values() if item is not None]
 
 
 def evaluate_after_fit(
@@ -270,11 +248,3 @@ def main(cfg: DictConfig) -> float | None:
         if message is None:  # unexpected: Hydra reports it with the traceback
             raise
         raise UserExit(error, message) from error
-
-
-if __name__ == "__main__":
-    # Lightning's DDP launcher starts ranks 1.. by running sys.argv[0] again with the same
-    # overrides; `vgtrain train` points sys.argv[0] at this file (see vgtrain.cli).
-    from vgtrain.cli import main as cli_main
-
-    sys.exit(cli_main(["train", *sys.argv[1:]]))

@@ -2,8 +2,8 @@
 embedded as base64 PNG, plots as inline SVG) with the metrics table, the training run's loss curves
 and a grid of images with their references and predictions.
 
-The loss curves come from the training run's own logs: a CSV logger's ``metrics.csv`` or, for a
-wandb run (online or offline), the history records of its ``run-*.wandb`` file.
+The loss curves come from the training run's CSV metrics log (``csv/version_*/metrics.csv``), which
+the csv and wandb logger presets both write: no parsing of wandb's private binary run files.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import base64
 import csv
 import html
 import io
-import json
 import math
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,52 +57,9 @@ def read_csv_log(path: Path) -> dict[str, list[tuple[float, float]]]:
     return curves
 
 
-def _wandb_records(data: bytes) -> list[bytes]:
-    """Records of a wandb transaction log: a 7-byte header (``:W&B``, magic, version), then 32 KiB
-    blocks of chunks with a 7-byte header each (crc32, length, type: full/first/middle/last)."""
-    if data[:4] != b":W&B" or struct.unpack("<HB", data[4:7]) != (0xBEE1, 0):
-        raise ValueError("not a wandb transaction log of a known version")
-    block, position, pending, records = 32768, 7, b"", []
-    while position + 7 <= len(data):
-        space = block - position % block
-        if space < 7:  # block trailer padding
-            position += space
-            continue
-        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
-        chunk = data[position + 7 : position + 7 + length]
-        position += 7 + length
-        if kind == 1:
-            records.append(chunk)
-        elif kind == 2:
-            pending = chunk
-        elif kind == 3:
-            pending += chunk
-        elif kind == 4:
-            records.append(pending + chunk)
-        elif kind == 0:  # zeros: the end of what was written
-            break
-    return records
-
-
-def read_wandb_log(path: Path) -> dict[str, list[tuple[float, float]]]:
-    from wandb.proto import wandb_internal_pb2
-
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for raw in _wandb_records(path.read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") != "history":
-            continue
-        row = {
-            item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
-        }
-        _add(curves, row, "trainer/global_step")
-    return curves
-
-
 def find_training_log(run_dir: Path) -> Path | None:
-    """The newest CSV log, else the newest wandb run file, of a training run directory."""
-    for pattern in ("csv/version_*/metrics.csv", "*/version_*/metrics.csv", "wandb/*/run-*.wandb"):
+    """The newest CSV metrics log of a training run directory (every logger preset writes one)."""
+    for pattern in ("csv/version_*/metrics.csv", "*/version_*/metrics.csv"):
         found = sorted(run_dir.glob(pattern), key=lambda p: p.stat().st_mtime)
         if found:
             return found[-1]
@@ -112,17 +67,17 @@ def find_training_log(run_dir: Path) -> Path | None:
 
 
 def training_history(log: Path | None, run_dir: Path | None) -> History:
-    """Loss curves from ``log`` (a metrics.csv or run-*.wandb), else from ``run_dir``'s logs."""
+    """Loss curves from ``log`` (a CSVLogger's metrics.csv), else from ``run_dir``'s CSV log."""
     if log is None:
         if run_dir is None:
             return History(missing="the export's checkpoint is not in a `vgtrain train` run directory")
         log = find_training_log(run_dir)
         if log is None:
             return History(
-                missing=f"no CSV or wandb log in the training run {run_dir}; set report.training_log=PATH"
+                missing=f"no CSV metrics log in the training run {run_dir}; set report.training_log=PATH"
             )
     try:
-        curves = read_wandb_log(log) if log.suffix == ".wandb" else read_csv_log(log)
+        curves = read_csv_log(log)
     except (OSError, ValueError, UnicodeDecodeError) as error:
         return History(missing=f"cannot read the training log {log} ({error})")
     if not curves:

@@ -1,6 +1,6 @@
 """An export folder as a wandb ``model`` artifact (`vgtrain export ... --wandb-artifact`).
 
-A module of its own so that `vgtrain.export` never imports wandb: decoding an export needs only
+A module of its own so that `vgtrain.export.writer` never imports wandb: decoding an export needs only
 torch, transformers, open_clip and safetensors.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import wandb
-from vgtrain.artifact import read_manifest
+
+from vgtrain.export.artifact import read_manifest
 
 
 def log_wandb_artifact(export_dir: Path, project: str, wandb_dir: str | None = None) -> str:

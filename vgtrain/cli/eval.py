@@ -26,15 +26,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
-from vgtrain.artifact import ArtifactError, read_manifest
+from vgtrain.cli.explain import explain
+from vgtrain.config.build import instantiate_group, prepare_synthetic_data
+from vgtrain.config.paths import CONF_DIR
+from vgtrain.config.resolvers import register_resolvers
 from vgtrain.data.pipeline import IMAGE_EXTENSIONS, SkipCounter, expand_urls
-from vgtrain.data.shards import atomic_write_text
-from vgtrain.errors import ConfigError, ShardNotFoundError, UserExit, explain
+from vgtrain.errors import ConfigError, ShardNotFoundError, UserExit
+from vgtrain.evaluation.report import image_data_uri, render_report, training_history
+from vgtrain.export.artifact import ArtifactError, read_manifest
+from vgtrain.files import atomic_write_text
 from vgtrain.metrics import METRIC_KEYS, ClipScorer, MetricReport, caption_metrics
-from vgtrain.paths import CONF_DIR
-from vgtrain.report import image_data_uri, render_report, training_history
-from vgtrain.sweep import register_resolvers
-from vgtrain.train import instantiate_group, prepare_synthetic_data
 
 log = logging.getLogger(__name__)
 register_resolvers()  # conf/logger/wandb.yaml uses them

@@ -82,10 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from vgtrain.artifact import ArtifactError
     from vgtrain.decode.decoder import VisualDecoder
     from vgtrain.decode.images import expand_image_arguments
     from vgtrain.decode.strategies import get_strategy
+    from vgtrain.export.artifact import ArtifactError
     from vgtrain.models.backbones import BackboneError
 
     strategy = args.strategy or ("beam" if args.beams else "greedy")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from vgtrain.errors import Preempted, UserExit, explain
+from vgtrain.cli.explain import explain
+from vgtrain.errors import Preempted, UserExit
 
+HYDRA_COMMANDS = {"train", "eval"}
 COMMANDS = {
     "train": "train an adapter (Hydra overrides follow, e.g. trainer.max_steps=50 model/mapper=mlp)",
     "export": "export a checkpoint's adapter: vgtrain export CKPT OUT_DIR [--bundle-backbones]",
@@ -58,38 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     rest = [arg for arg in rest if arg != "--verbose"]
     # Hydra reads sys.argv itself; hand it the command's own arguments. For `train`, argv[0] is
     # a runnable file: Lightning's DDP launcher starts the other ranks by running it again.
-    entry = str(Path(__file__).with_name("train.py")) if command == "train" else f"vgtrain {command}"
+    entry = str(Path(__file__).with_name("ddp_rank.py")) if command == "train" else f"vgtrain {command}"
     sys.argv = [entry, *rest]
     try:
         with _errors_raised():
-            if command == "train":
-                from vgtrain.train import main as train_main
-
-                train_main()
-            elif command == "export":
-                from vgtrain.export import main as export_main
-
-                return export_main(rest)
-            elif command == "caption":
-                from vgtrain.decode.cli import main as caption_main
-
-                return caption_main(rest)
-            elif command == "bench":
-                from vgtrain.bench.cli import main as bench_main
-
-                return bench_main(rest)
-            elif command == "shards":
-                from vgtrain.data.ingest.cli import main as shards_main
-
-                return shards_main(rest)
-            elif command == "cache":
-                from vgtrain.cache import main as cache_main
-
-                return cache_main(rest)
-            elif command == "eval":
-                from vgtrain.eval import main as eval_main
-
-                eval_main()
+            # Each command is vgtrain/cli/<command>.py; imported on use, so `vgtrain caption` never
+            # pays for Lightning. Hydra commands read sys.argv, the others take their arguments.
+            command_module = importlib.import_module(f"vgtrain.cli.{command}")
+            if command in HYDRA_COMMANDS:
+                command_module.main()
+            else:
+                return command_module.main(rest)
     except UserExit as failed:  # a user error raised inside a Hydra job (see UserExit)
         if verbose:
             raise failed.error from None
@@ -105,11 +87,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vgtrain {command}: error: {message} (--verbose shows the traceback)", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    # `python -m vgtrain.cli train ...`: without a module spec, Lightning's DDP launcher re-runs
-    # sys.argv[0] (vgtrain/train.py, with the command's overrides) instead of `-m vgtrain.cli`,
-    # which would lose the command name.
-    __spec__ = None  # noqa: F811
-    sys.exit(main())

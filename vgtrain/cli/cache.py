@@ -14,24 +14,9 @@ import argparse
 import shlex
 import time
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 SPLITS = ("train", "val")
-
-
-def compose_train_config(overrides: list[str]) -> DictConfig:
-    """The config `vgtrain train OVERRIDES` would run with (no run directory is created)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from vgtrain.paths import CONF_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # paths use ${hydra:runtime.cwd}
-    return cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [item for item in overrides if item.startswith("-")]
     if unknown:
         build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+    from vgtrain.config.build import compose_train_config, prepare_synthetic_data
     from vgtrain.data.feature_store import write_cache
     from vgtrain.data.pipeline import expand_urls
     from vgtrain.errors import ConfigError
     from vgtrain.models.backbones import build_vision
-    from vgtrain.train import prepare_synthetic_data
 
     cfg = compose_train_config(overrides)
     prepare_synthetic_data(cfg)

@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from vgtrain.artifact import ADAPTER_FILE, MANIFEST_FILE, ArtifactError, load_adapter, read_manifest
 from vgtrain.errors import CheckpointMismatchError, UserError
-from vgtrain.lit.module import CaptioningModule
+from vgtrain.export.artifact import ADAPTER_FILE, MANIFEST_FILE, ArtifactError, load_adapter, read_manifest
+from vgtrain.training.module import CaptioningModule
 
 log = logging.getLogger(__name__)
 
