@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -34,6 +36,21 @@ def trained_llm(shapes_dir, tmp_path_factory) -> Trained:
         prompt="a picture of",
         steps=4,
     )
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_follow_the_umask(frozen_llm, tmp_path, umask):
+    """A teammate can read an export in a shared folder: no private mode from the staging files."""
+    previous = os.umask(umask)
+    try:
+        out = export_checkpoint(frozen_llm.checkpoint, tmp_path / "export")
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
+    assert modes[ADAPTER_FILE] == 0o666 & ~umask
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    for name, mode in modes.items():
+        assert mode == (0o777 if (out / name).is_dir() else 0o666) & ~umask, name
 
 
 def test_export_holds_the_adapter_only_and_describes_it(frozen_llm, tmp_path):

@@ -24,7 +24,7 @@ def compose_train_config(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # paths use ${hydra:runtime.cwd}
+    HydraConfig.instance().set_config(cfg)  # paths.output_dir uses ${hydra:runtime.output_dir}
     return cfg
 
 

@@ -26,6 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vgtrain.files import apply_umask
+
 FORMAT_VERSION = 1
 ADAPTER_FILE = "adapter.safetensors"
 MANIFEST_FILE = "vgtrain.json"
@@ -136,9 +138,11 @@ def atomic_directory(target: Path, overwrite: bool) -> Iterator[Path]:
         raise ArtifactError(f"{target}: already exists and is not empty (pass --overwrite to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
     try:
         yield staging
+        # mkdtemp and safetensors create private (0700/0600) entries; an export is meant to be
+        # shared, so it gets the modes any file the user creates gets.
+        apply_umask(staging)
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             target.rename(retired / target.name)
