@@ -91,3 +91,25 @@ def test_optuna_search_space_covers_lr_prefix_mapper_and_depth():
         "model.mapper.prefix_length",
         "model.mapper.num_layers",
     }
+
+
+@pytest.mark.parametrize(
+    "mode, offline", [(None, True), ("offline", True), ("online", False), ("disabled", False)]
+)
+def test_wandb_logging_follows_wandb_mode(monkeypatch, mode, offline):
+    """Lightning's WandbLogger forces offline when offline=true, whatever WANDB_MODE says."""
+    if mode is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", mode)
+    cfg = _compose(["logger=wandb"])
+    assert cfg.logger.wandb.offline is offline
+    assert cfg.logger.csv.name == "csv"  # the eval report reads its loss curves from the CSV log
+
+
+def test_paths_resolve_before_hydra_config_exists(monkeypatch, tmp_path):
+    """A multirun resolves hydra.sweep.dir while the sweep is set up, before HydraConfig is set."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _compose([])
+    assert cfg.paths.root_dir == str(tmp_path)
+    assert OmegaConf.select(cfg, "hydra.sweep.dir").startswith(str(tmp_path / "outputs" / "multirun"))
