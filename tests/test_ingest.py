@@ -277,3 +277,35 @@ def test_written_shards_train_and_every_good_item_reaches_the_model(tmp_path):
     trainer = quiet_trainer(tmp_path, 4, enable_checkpointing=False, limit_val_batches=0, callbacks=[stats])
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 4 and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def _photos_with_images_in_a_subfolder(root: Path) -> Path:
+    (root / "images").mkdir(parents=True)
+    rows = ["file,caption"]
+    for index in range(4):
+        Image.new("RGB", (24, 24), (60 * index, 0, 0)).save(root / "images" / f"p{index}.jpg")
+        rows.append(f"p{index}.jpg,photo number {index}")
+    (root / "captions.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_images_in_the_only_subfolder_are_found_and_the_manifest_says_so(tmp_path, capsys):
+    source = _photos_with_images_in_a_subfolder(tmp_path / "photos")
+    out = tmp_path / "out"
+    assert _shards(str(source), "--out", str(out), "--val-fraction", "0", "--workers", "1") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["images"] == {"train": 4} and manifest["skipped"] == {}
+    (note,) = manifest["notes"]
+    assert str(source / "images") in note and "--image-root" in note
+    assert f"note: {note}" in capsys.readouterr().out
+
+
+def test_no_images_found_names_a_path_looked_up_and_suggests_image_root(tmp_path, capsys):
+    source = _photos_with_images_in_a_subfolder(tmp_path / "photos")
+    (source / "other").mkdir()
+    for index in range(4):  # two subfolders hold the images: no guess is made
+        Image.new("RGB", (24, 24)).save(source / "other" / f"p{index}.jpg")
+    assert _shards(str(source), "--out", str(tmp_path / "out"), "--workers", "1") == 1
+    error = capsys.readouterr().err
+    assert "missing_image': 4" in error and "--image-root" in error
+    assert f"p0.jpg not found under {source}" in error

@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {counts['written']} images ({sum(counts['captions'].values())} captions) in "
         f"{sum(len(v) for v in manifest['shards'].values())} shards to {args.out} ({seconds:.1f} s, {rate:.0f} images/s)"
     )
+    for note in manifest["notes"]:
+        print(f"note: {note}")
     if manifest["skipped"]:
         print("skipped: " + ", ".join(f"{reason} {n}" for reason, n in manifest["skipped"].items()))
     if manifest["converted"]:

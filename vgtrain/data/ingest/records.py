@@ -63,6 +63,10 @@ class SkipLog:
         self.skipped: Counter[str] = Counter()
         self.converted: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
+        self.notes: list[str] = []  # decisions made on the user's behalf, shown and kept in the manifest
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1

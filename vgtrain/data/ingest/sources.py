@@ -110,6 +110,12 @@ def _table_rows(path: Path) -> Iterable[tuple[int, dict[str, Any] | None, str | 
             yield reader.line_num, row, None
 
 
+def _only_subfolder_holding(folder: Path, name: str) -> Path | None:
+    """The one direct subfolder of ``folder`` that has the file ``name``; None if none or several."""
+    holding = [sub for sub in sorted(folder.iterdir()) if sub.is_dir() and (sub / name).is_file()]
+    return holding[0] if len(holding) == 1 else None
+
+
 def read_table(
     path: Path,
     image_roots: list[Path],
@@ -126,6 +132,7 @@ def read_table(
     missing: set[str] = set()
     found = RecordSet(log)
     columns_checked = False
+    searched_subfolders = False
     for number, row, problem in _table_rows(path):
         where = f"{path}:{number}"
         if problem:
@@ -156,6 +163,16 @@ def read_table(
         if not captions:
             continue
         image = next((root / name for root in roots if (root / name).is_file()), None)
+        if image is None and not image_roots and not searched_subfolders:
+            searched_subfolders = True
+            subfolder = _only_subfolder_holding(path.parent, name)
+            if subfolder is not None:
+                roots = [*roots, subfolder]
+                image = subfolder / name
+                log.note(
+                    f"{path.name} names files relative to {subfolder}, not to {path.parent}: images are "
+                    f"looked up there (the only subfolder holding {name}); --image-root chooses another folder"
+                )
         if image is None:
             if name not in missing:  # one count per missing image, however many rows name it
                 missing.add(name)

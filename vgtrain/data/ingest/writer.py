@@ -74,6 +74,19 @@ def clean_interrupted(out_dir: Path, overwrite: bool) -> None:
                 path.unlink()
 
 
+def no_pairs_message(source: dict[str, Any], log: SkipLog) -> str:
+    """Why nothing could be written: the counts, an example of each reason, and what to try."""
+    examples = "; ".join(
+        f"{reason}: e.g. {items[0]}" for reason, items in sorted(log.examples.items()) if items
+    )
+    message = f"no usable image-caption pairs in {source.get('paths')}; skipped: {dict(log.skipped)}"
+    if examples:
+        message += f" ({examples})"
+    if log.skipped.get("missing_image"):
+        message += "; if the file names are relative to another folder, pass it with --image-root FOLDER"
+    return message
+
+
 def write_dataset(
     records: list[Record],
     out_dir: Path,
@@ -142,9 +155,7 @@ def write_dataset(
     for split in empty:
         del shards[split], images[split], captions[split]
     if not shards:
-        raise IngestError(
-            f"no usable image-caption pairs in {source.get('paths')}; skipped: {dict(log.skipped)}"
-        )
+        raise IngestError(no_pairs_message(source, log))
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -165,6 +176,7 @@ def write_dataset(
         "skipped": dict(sorted(log.skipped.items())),
         "converted": dict(sorted(log.converted.items())),
         "examples": dict(sorted(log.examples.items())),
+        "notes": log.notes,
         "shards": shards,
         "patterns": {split: brace_pattern(out_dir, split, len(names)) for split, names in shards.items()},
     }
