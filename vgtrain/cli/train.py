@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -208,9 +209,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg, module)
     module.model.llm.tokenizer.save_pretrained(run_dir / "tokenizer")
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=loggers or False
-    )
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if not loggers:  # logger=none: LearningRateMonitor refuses a trainer with nothing to log to
+        callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
