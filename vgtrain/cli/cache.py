@@ -11,10 +11,11 @@ Rerunning resumes: shards already cached by this backbone are kept.
 from __future__ import annotations
 
 import argparse
-import shlex
 import time
 
 from omegaconf import OmegaConf
+
+from vgtrain.cli.shell import command_line
 
 SPLITS = ("train", "val")
 
@@ -74,5 +75,5 @@ def main(argv: list[str] | None = None) -> int:
         done = True
     if not done:
         raise ConfigError(f"nothing to cache: data.{'/'.join(args.splits)}_urls are not set")
-    print(f"train with: vgtrain train {' '.join(map(shlex.quote, overrides))} data.use_cached_features=true")
+    print(f"train with: vgtrain train {command_line(*overrides, 'data.use_cached_features=true')}")
     return 0

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vgtrain.cli.shell import command_line
 from vgtrain.data.ingest.coco import read_coco, read_karpathy
 from vgtrain.data.ingest.images import ImageOptions
 from vgtrain.data.ingest.records import IngestError, Record, SkipLog
@@ -148,12 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     if manifest["converted"]:
         print("converted: " + ", ".join(f"{reason} {n}" for reason, n in manifest["converted"].items()))
     print(f"details: {args.out.resolve() / 'manifest.json'}\ntrain with:")
-    urls = " ".join(
-        f"data.{split}_urls='{pattern}'"
+    urls = [
+        f"data.{split}_urls={pattern}"
         for split, pattern in manifest["patterns"].items()
         if split in ("train", "val")
-    )
-    print(f"  vgtrain train experiment=custom {urls}")
+    ]
+    print(f"  vgtrain train {command_line('experiment=custom', *urls)}")
     others = [split for split in manifest["patterns"] if split not in ("train", "val")]
     for split in others:
         print(f"  ({split} shards: {manifest['patterns'][split]})")
