@@ -74,3 +74,13 @@ def test_vision_tower_runs_in_fp32_under_cpu_autocast():
     assert features.tokens.dtype == torch.float32
     torch.testing.assert_close(features.tokens, reference.tokens)
     torch.testing.assert_close(features.pooled, reference.pooled)
+
+
+def test_tiny_tokenizer_pads_with_a_token_of_its_own():
+    """Pad = EOS makes transformers warn about a missing attention mask on every decode."""
+    from vgtrain.models.backbones.tiny import build_tiny_gpt2, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    assert tokenizer.pad_token_id not in (None, tokenizer.eos_token_id)
+    model = build_tiny_gpt2(tokenizer, width=32, layers=1, heads=2)
+    assert model.config.pad_token_id == tokenizer.pad_token_id != model.config.eos_token_id

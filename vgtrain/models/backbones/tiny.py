@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
+PAD = "<|pad|>"
 
 # The tiny tokenizer learns its merges from this text unless a corpus file is given. It holds the
 # vocabulary of short image captions (objects, colours, sizes, places, relations), so such words
@@ -51,7 +52,7 @@ def build_tiny_tokenizer(vocab_size: int = 512, corpus_file: str | None = None) 
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS],
+        special_tokens=[EOS, PAD],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -60,7 +61,9 @@ def build_tiny_tokenizer(vocab_size: int = 512, corpus_file: str | None = None) 
     else:
         lines = BUILTIN_CORPUS.split()
     tokenizer.train_from_iterator(lines, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+    # A pad token of its own: with pad = EOS, transformers cannot tell padding from a caption's end
+    # and warns about a missing attention mask on every call.
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=PAD)
 
 
 def build_tiny_gpt2(
