@@ -215,7 +215,7 @@ def test_caption_command_end_to_end(trained, images, tmp_path):
     ]  # relative to list.txt
 
     beam = run_vgtrain(
-        "caption", "--export", str(exported), str(folder), "--beams", "2", "--json", cwd=tmp_path
+        "caption", "--export", str(exported), str(folder), "--num-beams", "2", "--json", cwd=tmp_path
     )
     records = [json.loads(line) for line in beam.stdout.splitlines()]
     assert beam.returncode == 0 and len(records) == 2
@@ -233,6 +233,7 @@ def test_caption_command_exits_nonzero_only_when_nothing_was_captioned(exported,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0]
     assert (
-        caption_main(["--export", str(exported), str(images[0]), "--strategy", "greedy", "--beams", "2"]) == 1
+        caption_main(["--export", str(exported), str(images[0]), "--strategy", "greedy", "--num-beams", "2"])
+        == 1
     )
     assert "has no option 'num_beams'" in capsys.readouterr().err

@@ -168,3 +168,23 @@ def test_every_decode_option_composes_into_a_valid_strategy(option: str) -> None
         cfg = compose(config_name="eval", overrides=[f"decode={option}", "export=/x"])
     get_strategy(cfg.decode.strategy).resolve(dict(cfg.decode.options))
     assert cfg.split == "val" and cfg.metrics.clip is None
+    assert cfg.decode.strategy == option  # `decode=NAME` is `vgtrain caption --strategy NAME`
+
+
+def test_one_decoding_vocabulary_for_configs_the_cli_and_the_api() -> None:
+    """Strategy names: the registry = the decode/ configs = --strategy choices. Option names: every
+    --flag is spelt as the option it sets, and every option a strategy takes has its flag."""
+    from vgtrain.cli.caption import OPTIONS, build_parser
+    from vgtrain.decode.base import COMMON_OPTIONS
+    from vgtrain.decode.strategies import STRATEGIES
+
+    assert sorted(p.stem for p in (CONF_DIR / "decode").glob("*.yaml")) == sorted(STRATEGIES)
+    parser = build_parser()
+    (strategy_flag,) = [a for a in parser._actions if "--strategy" in a.option_strings]
+    assert sorted(strategy_flag.choices) == sorted(STRATEGIES)
+    flags = {a.dest: a.option_strings for a in parser._actions if a.dest in OPTIONS}
+    assert set(flags) == set(OPTIONS)
+    for option, strings in flags.items():
+        assert strings == ["--" + option.replace("_", "-")], strings
+    taken = set(COMMON_OPTIONS).union(*(set(strategy.defaults) for strategy in STRATEGIES.values()))
+    assert taken == set(OPTIONS)

@@ -12,26 +12,30 @@ import json
 import sys
 from typing import Any
 
+from vgtrain.decode.strategies import STRATEGIES, get_strategy
+
 # Command-line flag -> strategy option; unset flags are left out, so a strategy's defaults apply
 # and a flag the chosen strategy does not take is an error rather than silently ignored.
-OPTION_FLAGS: dict[str, str] = {
-    "beams": "num_beams",
-    "num_return": "num_return_sequences",
-    "rerank": "rerank",
-    "length_penalty": "length_penalty",
-    "early_stopping": "early_stopping",
-    "temperature": "temperature",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "seed": "seed",
-    "alpha": "alpha",
-    "beta": "beta",
-    "repetition_penalty": "repetition_penalty",
-    "no_repeat_ngram_size": "no_repeat_ngram_size",
-    "min_new_tokens": "min_new_tokens",
-    "max_new_tokens": "max_new_tokens",
-    "stop": "stop_strings",
-}
+# Strategy options, each flag spelt as the option it sets (`--num-beams` sets num_beams), the same
+# names as `decode.options.*` in `vgtrain eval` and the keyword arguments of VisualDecoder.caption.
+OPTIONS = (
+    "num_beams",
+    "num_return_sequences",
+    "rerank",
+    "length_penalty",
+    "early_stopping",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "alpha",
+    "beta",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "min_new_tokens",
+    "max_new_tokens",
+    "stop_strings",
+)
 CHUNK = 256  # images read and decoded per round, so a large folder is not held in memory at once
 
 
@@ -47,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--strategy",
-        choices=["greedy", "beam", "sample", "magic"],
-        help="decoding strategy (default: beam if --beams is given, else greedy)",
+        choices=sorted(STRATEGIES),
+        help="decoding strategy (default: beam if --num-beams is given, else greedy)",
     )
     p.add_argument("--question", help="ask this question about every image (visual question answering)")
     p.add_argument("--question-template", help="overrides the export's template, e.g. 'Q: {q} A:'")
@@ -59,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g = p.add_argument_group("strategy options (each strategy takes its own)")
-    g.add_argument("--beams", type=int, help="beam: number of beams")
-    g.add_argument("--num-return", type=int, help="beam/sample: sequences per image (best first)")
+    g.add_argument("--num-beams", type=int, help="beam: number of beams")
+    g.add_argument("--num-return-sequences", type=int, help="beam/sample: sequences per image (best first)")
     g.add_argument(
         "--rerank", choices=["clip"], help="beam/sample: order the returned sequences by CLIP similarity"
     )
@@ -76,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-repeat-ngram-size", type=int)
     g.add_argument("--min-new-tokens", type=int)
     g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--stop", action="append", help="stop string (repeatable); the caption ends before it")
+    g.add_argument(
+        "--stop-strings", action="append", help="stop string (repeatable); the caption ends before it"
+    )
     return p
 
 
@@ -84,15 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vgtrain.decode.decoder import VisualDecoder
     from vgtrain.decode.images import expand_image_arguments
-    from vgtrain.decode.strategies import get_strategy
     from vgtrain.export.artifact import ArtifactError
     from vgtrain.models.backbones import BackboneError
 
-    strategy = args.strategy or ("beam" if args.beams else "greedy")
+    strategy = args.strategy or ("beam" if args.num_beams else "greedy")
     options: dict[str, Any] = {
-        option: getattr(args, flag)
-        for flag, option in OPTION_FLAGS.items()
-        if getattr(args, flag) is not None
+        option: getattr(args, option) for option in OPTIONS if getattr(args, option) is not None
     }
     try:
         get_strategy(strategy).resolve(options)

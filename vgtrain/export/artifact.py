@@ -205,7 +205,7 @@ Frozen backbones are not in this folder: the decoder rebuilds them from their re
 refuses any whose facts differ from `vgtrain.json`.
 
 ```bash
-vgtrain caption --export THIS_DIR image.jpg [--strategy beam --beams 5] [--question "..."]
+vgtrain caption --export THIS_DIR image.jpg [--strategy beam --num-beams 5] [--question "..."]
 ```
 ```python
 from vgtrain.decode import VisualDecoder
