@@ -30,6 +30,7 @@ from vgtrain.cli.explain import explain
 from vgtrain.config.build import instantiate_group, prepare_synthetic_data
 from vgtrain.config.paths import CONF_DIR
 from vgtrain.config.resolvers import register_resolvers
+from vgtrain.config.schema import EvalSchema, validate
 from vgtrain.data.pipeline import IMAGE_EXTENSIONS, SkipCounter, expand_urls
 from vgtrain.errors import ConfigError, ShardNotFoundError, UserExit
 from vgtrain.evaluation.report import image_data_uri, render_report, training_history
@@ -225,6 +226,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     started = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
+    validate(cfg, EvalSchema)
     try:
         get_strategy(cfg.decode.strategy).resolve(
             dict(OmegaConf.to_container(cfg.decode.options, resolve=True))

@@ -22,6 +22,7 @@ from vgtrain.cli.explain import explain
 from vgtrain.config.build import instantiate_group, prepare_synthetic_data
 from vgtrain.config.paths import CONF_DIR
 from vgtrain.config.resolvers import register_resolvers
+from vgtrain.config.schema import TrainSchema, validate
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.pipeline import expand_urls
 from vgtrain.errors import (
@@ -198,6 +199,7 @@ def fit(
 def run(cfg: DictConfig) -> dict[str, float]:
     started = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
+    validate(cfg, TrainSchema)  # bad values fail here, one line each, before anything is built
     L.seed_everything(cfg.seed, workers=True)
     prepare_synthetic_data(cfg)
     check_data_urls(cfg)
