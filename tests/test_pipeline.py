@@ -74,6 +74,22 @@ def test_missing_shard_is_named(tmp_path: Path):
         expand_urls(str(tmp_path / "d-{000000..000001}.tar"))
 
 
+def test_local_globs_expand_to_their_shards_in_order(tmp_path: Path, monkeypatch):
+    for index in (1, 0, 2):
+        write_shard(
+            tmp_path / f"train-{index:06d}.tar", [{"__key__": "a", "png": _png((1, 2, 3)), "txt": "x"}]
+        )
+    expected = [str(tmp_path / f"train-{index:06d}.tar") for index in range(3)]
+    assert expand_urls(str(tmp_path / "train-*.tar")) == expected
+    monkeypatch.chdir(tmp_path)  # relative, as a user types it
+    assert expand_urls("train-*.tar::train-00000[01].tar") == [Path(u).name for u in expected] + [
+        "train-000000.tar",
+        "train-000001.tar",
+    ]
+    with pytest.raises(FileNotFoundError, match="val-\\*.tar"):
+        expand_urls("val-*.tar")
+
+
 def test_every_caption_of_an_image_reaches_the_batch_as_its_references(tmp_path: Path):
     import json
 

@@ -52,8 +52,23 @@ class SkipCounter:
         return counts
 
 
+GLOB_CHARACTERS = ("*", "?", "[")
+
+
+def _expand_local_glob(url: str) -> list[str]:
+    """A local path with glob characters (``photos-wds/train-*.tar``) -> its files, sorted; any
+    other URL as it is. A glob that matches nothing is kept, to be reported as missing."""
+    if "://" in url or url.startswith("pipe:") or not any(c in url for c in GLOB_CHARACTERS):
+        return [url]
+    path = Path(url)
+    anchor = Path(path.anchor) if path.is_absolute() else Path()
+    matches = sorted(str(match) for match in anchor.glob(str(path.relative_to(anchor))) if match.is_file())
+    return matches or [url]
+
+
 def expand_urls(urls: str | list[str]) -> list[str]:
-    """Brace-expands ``urls`` (``::``-separated lists allowed) and checks local shards exist.
+    """Brace-expands ``urls`` (``::``-separated lists allowed), expands local globs
+    (``data/train-*.tar``) and checks local shards exist.
 
     Only the expanded URLs are ever opened: tar members are read into memory, never extracted,
     and WebDataset skips links and other non-regular members, so a shard cannot make the
@@ -61,7 +76,12 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     """
     patterns = urls.split("::") if isinstance(urls, str) else list(urls or [])
     patterns = [pattern.strip() for pattern in patterns if pattern and pattern.strip()]
-    expanded = [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
+    expanded = [
+        url
+        for pattern in patterns
+        for braced in braceexpand.braceexpand(pattern)
+        for url in _expand_local_glob(braced)
+    ]
     if not expanded:
         raise ShardNotFoundError(f"no shards: the shard pattern {urls!r} is empty")
     local = [url for url in expanded if "://" not in url and not url.startswith("pipe:")]
