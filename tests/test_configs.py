@@ -21,6 +21,7 @@ GROUPS = [
     "logger",
     "experiment",
     "hparams_search",
+    "debug",
     "hydra/launcher",
 ]
 
@@ -113,3 +114,33 @@ def test_paths_resolve_before_hydra_config_exists(monkeypatch, tmp_path):
     cfg = _compose([])
     assert cfg.paths.root_dir == str(tmp_path)
     assert OmegaConf.select(cfg, "hydra.sweep.dir").startswith(str(tmp_path / "outputs" / "multirun"))
+
+
+MAPPER_CASES = [
+    (experiment, mapper)
+    for experiment in _options("experiment")
+    for mapper in _options("model/mapper")
+    if mapper != "none"
+]
+
+
+@pytest.mark.parametrize("experiment,mapper", MAPPER_CASES, ids=[f"{e}+{m}" for e, m in MAPPER_CASES])
+def test_any_mapper_can_be_chosen_on_top_of_any_experiment(experiment, mapper):
+    """`vgtrain train experiment=X model/mapper=Y` builds Y with Y's settings: an experiment puts no
+    mapper-specific key into another mapper's options (README: `model/mapper=mlp` on the demo)."""
+    from vgtrain.models.mapper import build_mapper
+
+    options = OmegaConf.to_container(
+        _compose([f"experiment={experiment}", f"model/mapper={mapper}"]).model.mapper
+    )
+    name = options.pop("name")
+    assert name == OmegaConf.load(CONF_DIR / "model" / "mapper" / f"{mapper}.yaml").get("name", name)
+    width = 32
+    options.update(prefix_length=2) if "prefix_length" in options else None
+    small = {
+        key: value
+        for key, value in {"width": width, "num_layers": 1, "num_heads": 2}.items()
+        if key in options
+    }
+    build_mapper(name, vision_token_dim=width, vision_embed_dim=width, out_dim=width, vision_num_tokens=4,
+                 **{**options, **small})  # fmt: skip
