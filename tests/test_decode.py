@@ -62,6 +62,7 @@ def _job(decoder: VisualDecoder, images: list[Path], prompts: list[str]) -> tupl
         decoder.prepare_inputs(features, prompts),
         lambda: decoder.clip,
         partial(decoder.bind_memory, features),
+        decoder.model.xattn,
     )
     return job, features
 

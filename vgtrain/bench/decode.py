@@ -144,6 +144,7 @@ def setup(
         decoder.prepare_inputs(features, prompts),
         lambda: decoder.clip,
         partial(decoder.bind_memory, features),
+        model.xattn,
     )
     return decoder, features, prompts, job
 

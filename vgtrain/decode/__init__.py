@@ -1,5 +1,5 @@
-"""Decoding with a visual-prefix LM: strategies (greedy, beam, sample on transformers' ``generate``;
-MAGIC by hand) and the standalone decoder that loads an export."""
+"""Decoding with a visual-prefix LM: strategies (greedy, beam, sample on a static KV cache with the
+tokens of transformers' ``generate``; MAGIC by hand) and the standalone decoder that loads an export."""
 
 from vgtrain.decode.base import Candidate, DecodeInputs, Decoding, Strategy
 from vgtrain.decode.decoder import Result, VisualDecoder

@@ -12,6 +12,7 @@ import torch
 from vgtrain.decode.clip_guidance import ClipGuide
 from vgtrain.decode.lm import sequence_log_probs
 from vgtrain.models.backbones.llm import LanguageModel
+from vgtrain.models.xattn import CrossAttentionAdapter
 
 
 @dataclass
@@ -30,6 +31,9 @@ class Decoding:
     inputs: DecodeInputs
     clip: Callable[[], ClipGuide]
     bind_memory: Callable[..., AbstractContextManager[None]]  # (expand, rows=None)
+    # The cross-attention layers bind_memory feeds: a decoding loop that runs the LM's blocks
+    # itself (vgtrain.decode.static_lm) must run them too. None: a prefix-only model.
+    xattn: CrossAttentionAdapter | None = None
 
 
 @dataclass

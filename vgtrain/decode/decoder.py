@@ -178,6 +178,7 @@ class VisualDecoder:
             inputs=self.prepare_inputs(features, prompts),
             clip=lambda: self.clip,
             bind_memory=partial(self.bind_memory, features),
+            xattn=self.model.xattn,
         )
         return get_strategy(strategy).decode(job, options)
 

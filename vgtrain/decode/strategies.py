@@ -1,9 +1,12 @@
 """Decoding strategies behind one interface, and their registry.
 
 A strategy turns prepared inputs (left-padded ``[prefix; prompt]`` embeddings) into ranked
-candidates per image. ``greedy``, ``beam`` and ``sample`` are transformers' ``generate`` with the
-prefix as ``inputs_embeds`` (KV cache on); ``magic`` (vgtrain.decode.magic) is a loop of its own.
-Adding a strategy is one class and one line in :data:`STRATEGIES`.
+candidates per image. ``greedy``, ``beam`` and ``sample`` run vgtrain's lean loops over a static KV
+cache (vgtrain.decode.search, the same tokens as transformers' ``generate``) for GPT-2- and
+Llama-family LLMs; for other LLMs, or options only ``generate`` implements (repetition penalty,
+n-gram blocking, stop strings), they call ``generate`` with the prefix as ``inputs_embeds``.
+``magic`` (vgtrain.decode.magic) is a loop of its own. Adding a strategy is one class and one
+line in :data:`STRATEGIES`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import torch
 
 from vgtrain.decode.base import Candidate, Decoding, Strategy, finish, until_eos
 from vgtrain.decode.magic import Magic
+from vgtrain.decode.search import Limits, beam_search, sample_or_greedy
+from vgtrain.decode.static_lm import StaticLM, make_step, supports
+from vgtrain.models.xattn import find_decoder_layers
 
 GENERATE_OPTIONS: dict[str, Any] = {
     "repetition_penalty": 1.0,
@@ -21,6 +27,9 @@ GENERATE_OPTIONS: dict[str, Any] = {
     "stop_strings": None,
     "num_return_sequences": 1,
     "rerank": None,  # "clip": order the returned sequences by CLIP image-text similarity
+    # How the static-cache loop runs its one-token step (greedy, sample): "auto" (a CUDA graph on
+    # CUDA, eager elsewhere), "eager", "compile" (torch.compile) or "cuda-graph".
+    "step": "auto",
 }
 
 
@@ -36,9 +45,50 @@ class GenerateStrategy(Strategy):
         """How many rows ``generate`` makes of each image (the memory must be expanded alike)."""
         return int(options["num_return_sequences"])
 
+    def search(
+        self, lm: StaticLM, embeds: torch.Tensor, limits: Limits, options: dict[str, Any]
+    ) -> torch.Tensor:
+        """The static-cache loop of this strategy: ``[rows, steps]`` tokens as ``generate`` gives them."""
+        raise NotImplementedError
+
+    def lean(self, job: Decoding, options: dict[str, Any]) -> bool:
+        """Whether the static-cache loop can do this job exactly as ``generate`` would."""
+        hooked = any(layer._forward_pre_hooks for layer in _layers(job))
+        return (
+            options["repetition_penalty"] == 1.0
+            and not options["no_repeat_ngram_size"]
+            and not options["stop_strings"]
+            and supports(job.llm) is None
+            and (job.xattn is not None or not hooked)  # unknown hooks: only generate runs them
+        )
+
     @torch.no_grad()
     def decode(self, job: Decoding, options: dict[str, Any]) -> list[list[Candidate]]:
         o = self.resolve(options)
+        sequences = self.run_static(job, o) if self.lean(job, o) else self.run_generate(job, o)
+        rows = [until_eos(row, job.llm.eos_token_id) for row in sequences.tolist()]
+        return finish(
+            job, rows, o["num_return_sequences"], o["stop_strings"], o["rerank"], self.sort_by_score
+        )
+
+    def run_static(self, job: Decoding, o: dict[str, Any]) -> torch.Tensor:
+        """Token rows from the static-cache loop (options resolved)."""
+        expand = self.expansion(o)
+        embeds = job.inputs.embeds.repeat_interleave(expand, 0)
+        mask = job.inputs.attention_mask.repeat_interleave(expand, 0)
+        limits = Limits(
+            o["max_new_tokens"],
+            o["min_new_tokens"] or 0,
+            job.llm.eos_token_id,
+            job.llm.tokenizer.pad_token_id,
+        )
+        with job.bind_memory(expand):
+            memory = job.xattn.memory if job.xattn is not None else None
+            lm = StaticLM(job.llm, mask, mask.shape[1] + limits.max_new_tokens, job.xattn, memory)
+            return self.search(lm, embeds, limits, o)
+
+    def run_generate(self, job: Decoding, o: dict[str, Any]) -> torch.Tensor:
+        """Token rows from transformers' ``generate`` (options resolved)."""
         tokenizer = job.llm.tokenizer
         kwargs: dict[str, Any] = {
             "max_new_tokens": o["max_new_tokens"],
@@ -53,13 +103,13 @@ class GenerateStrategy(Strategy):
         if o["stop_strings"]:
             kwargs.update(stop_strings=list(o["stop_strings"]), tokenizer=tokenizer)
         with job.bind_memory(self.expansion(o)):
-            sequences = job.llm.model.generate(
+            return job.llm.model.generate(
                 inputs_embeds=job.inputs.embeds, attention_mask=job.inputs.attention_mask, **kwargs
             )
-        rows = [until_eos(row, job.llm.eos_token_id) for row in sequences.tolist()]
-        return finish(
-            job, rows, o["num_return_sequences"], o["stop_strings"], o["rerank"], self.sort_by_score
-        )
+
+
+def _layers(job: Decoding) -> torch.nn.ModuleList:
+    return find_decoder_layers(job.llm.model.base_model)
 
 
 class Greedy(GenerateStrategy):
@@ -68,6 +118,14 @@ class Greedy(GenerateStrategy):
 
     def generate_kwargs(self, options: dict[str, Any]) -> dict[str, Any]:
         return {"do_sample": False, "num_beams": 1}
+
+    def lean(self, job: Decoding, options: dict[str, Any]) -> bool:
+        return options["num_return_sequences"] == 1 and super().lean(job, options)  # else generate's error
+
+    def search(
+        self, lm: StaticLM, embeds: torch.Tensor, limits: Limits, options: dict[str, Any]
+    ) -> torch.Tensor:
+        return sample_or_greedy(lm, embeds, limits, step=make_step(lm, options["step"]))
 
 
 class Beam(GenerateStrategy):
@@ -85,6 +143,23 @@ class Beam(GenerateStrategy):
     def expansion(self, options: dict[str, Any]) -> int:
         return int(options["num_beams"])
 
+    def lean(self, job: Decoding, options: dict[str, Any]) -> bool:
+        # Out-of-range settings go to generate, which explains them.
+        return 1 <= options["num_return_sequences"] <= options["num_beams"] and super().lean(job, options)
+
+    def search(
+        self, lm: StaticLM, embeds: torch.Tensor, limits: Limits, options: dict[str, Any]
+    ) -> torch.Tensor:
+        return beam_search(
+            lm,
+            embeds,
+            limits,
+            num_beams=options["num_beams"],
+            length_penalty=options["length_penalty"],
+            early_stopping=options["early_stopping"],
+            num_return_sequences=options["num_return_sequences"],
+        )
+
 
 class Sample(GenerateStrategy):
     name = "sample"
@@ -99,6 +174,20 @@ class Sample(GenerateStrategy):
             "top_k": options["top_k"],
             "top_p": options["top_p"],
         }
+
+    def search(
+        self, lm: StaticLM, embeds: torch.Tensor, limits: Limits, options: dict[str, Any]
+    ) -> torch.Tensor:
+        return sample_or_greedy(
+            lm,
+            embeds,
+            limits,
+            sample=True,
+            temperature=options["temperature"],
+            top_k=options["top_k"],
+            top_p=options["top_p"],
+            step=make_step(lm, options["step"]),
+        )
 
     def decode(self, job: Decoding, options: dict[str, Any]) -> list[list[Candidate]]:
         seed = options.get("seed")

@@ -46,9 +46,17 @@ class GatedCrossAttentionBlock(nn.Module):
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def forward(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        q = self._heads(self.to_q(self.norm(hidden)))
+        return self.attend(hidden, self.memory_keys_values(memory))
+
+    def memory_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory's keys and values, ``[B, heads, M, head_dim]`` each: a decoder computes them
+        once per image instead of once per generated token."""
         k, v = self._heads(self.to_kv(self.memory_norm(memory))).chunk(2, dim=-1)
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return k, v
+
+    def attend(self, hidden: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q = self._heads(self.to_q(self.norm(hidden)))
+        attended = F.scaled_dot_product_attention(q, *keys_values).transpose(1, 2).flatten(2)
         hidden = hidden + torch.tanh(self.attn_gate) * self.to_out(attended)
         return hidden + torch.tanh(self.ff_gate) * self.ff(hidden)
 
@@ -132,6 +140,11 @@ class CrossAttentionAdapter(nn.Module):
             return args, {**kwargs, "hidden_states": hidden}
 
         return run
+
+    @property
+    def memory(self) -> torch.Tensor | None:
+        """The bound visual memory, or None outside :meth:`bind`."""
+        return self._memory
 
     @contextlib.contextmanager
     def bind(self, memory: torch.Tensor) -> Iterator[None]:
