@@ -11,6 +11,7 @@ REQUIRED = [
     ("train", "cached_vs_images"),
     ("train", "mfu"),
     ("decode", "kv_cache_speedup"),
+    ("decode", "greedy_tokens_per_s"),
     ("data", "images_per_s"),
 ]
 

@@ -86,6 +86,8 @@ def headline(result: dict[str, Any]) -> list[tuple[str, str]]:
     if "decode" in result:
         for model, speedup in result["decode"]["kv_cache_speedup_by_model"].items():
             items.append((f"decode.kv_cache_speedup ({model})", f"{speedup:.2f}"))
+        for model, rate in result["decode"].get("greedy_tokens_per_s_by_model", {}).items():
+            items.append((f"decode.greedy_tokens_per_s ({model})", f"{rate:.0f}"))
     if "data" in result:
         items.append(("data.images_per_s", f"{result['data']['images_per_s']:.0f}"))
     return items
