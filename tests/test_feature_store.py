@@ -11,11 +11,20 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import webdataset as wds
 
 from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, quiet_trainer, tiny_datamodule, tiny_module
 from vgtrain.data.collate import CaptionCollator
-from vgtrain.data.feature_store import FeatureCacheError, cache_identity, cache_tag, cached_urls, write_cache
-from vgtrain.data.pipeline import expand_urls
+from vgtrain.data.feature_cache import compute_features
+from vgtrain.data.feature_store import (
+    FeatureCacheError,
+    _array,
+    cache_identity,
+    cache_tag,
+    cached_urls,
+    write_cache,
+)
+from vgtrain.data.pipeline import SampleDecoder, SkipCounter, expand_urls
 from vgtrain.models.backbones import build_vision
 from vgtrain.models.backbones.vision import VisualFeatures
 from vgtrain.training.datamodule import CaptionDataModule
@@ -140,3 +149,65 @@ def test_fp16_cache_loss_matches_images_closely(shards):
 
 def _text(batch: dict) -> tuple[torch.Tensor, ...]:
     return batch["input_ids"], batch["attention_mask"], batch["labels"]
+
+
+def _serial_features(url: str, vision) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
+    """The reference: every decodable image of ``url`` through the tower alone, one at a time."""
+    counter = SkipCounter()
+    decode = SampleDecoder(vision.transform, counter)
+    reference = {}
+    for raw in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+        item = decode(raw)
+        if item is not None:
+            with torch.no_grad():
+                features = vision.encode(item["image"].unsqueeze(0))
+            reference[item["key"]] = (raw["txt"], features.tokens[0], features.pooled[0])
+    return reference
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_worker_pool_cache_holds_the_serial_features_in_shard_order(tmp_path, shards, workers):
+    """Decoding in worker processes, batches striding over shards (7 does not divide a shard), and
+    the encoder one batch ahead of the writer change neither the features nor the order."""
+    vision = build_vision(**TINY_VISION)
+    urls = expand_urls(shards["val"]) + expand_urls(shards["train"])[:1]
+    for url in urls:
+        shutil.copy(url, tmp_path / Path(url).name)
+    urls = [str(tmp_path / Path(url).name) for url in urls]
+    totals = write_cache(urls, vision, batch_size=7, dtype="float32", workers=workers, progress=False)
+    assert totals["shards_written"] == len(urls) and not totals["skipped"]
+    for url, cached in zip(urls, cached_urls(urls, vision), strict=True):
+        reference = _serial_features(url, vision)
+        samples = list(wds.DataPipeline(wds.SimpleShardList([cached]), wds.tarfile_to_samples()))
+        assert [s["__key__"] for s in samples] == list(reference)  # every sample, in the shard's order
+        for sample in samples:
+            caption, tokens, pooled = reference[sample["__key__"]]
+            assert sample["txt"] == caption  # stored as it was
+            assert torch.allclose(_array(sample["tokens.npy"]), tokens, atol=1e-5)
+            assert torch.allclose(_array(sample["pooled.npy"]), pooled, atol=1e-5)
+
+
+def test_in_memory_cache_equals_the_tower_on_each_batch(shards):
+    vision = build_vision(**TINY_VISION)
+    batches = []
+    for url in expand_urls(shards["val"]):
+        reference = _serial_features(url, vision)
+        keys = list(reference)
+        for start in range(0, len(keys), 5):
+            chunk = keys[start : start + 5]
+            decode = SampleDecoder(vision.transform, SkipCounter())
+            raws = {
+                r["__key__"]: r
+                for r in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
+            }
+            pixels = torch.stack([decode(raws[k])["image"] for k in chunk])
+            batches.append(
+                (
+                    {"pixel_values": pixels, "captions": [reference[k][0].decode() for k in chunk], "keys": chunk},
+                    reference,
+                )
+            )
+    cache = compute_features(vision, [batch for batch, _ in batches], "test", device="cpu")
+    expected_tokens = torch.stack([ref[k][1] for batch, ref in batches for k in batch["keys"]])
+    assert cache.keys == [k for batch, _ in batches for k in batch["keys"]]
+    assert cache.tokens.dtype == torch.float32 and torch.allclose(cache.tokens, expected_tokens, atol=1e-5)

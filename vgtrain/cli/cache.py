@@ -11,6 +11,7 @@ Rerunning resumes: shards already cached by this backbone are kept.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from omegaconf import OmegaConf
@@ -27,10 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
         "leading '-' are `vgtrain train` overrides, e.g. experiment=custom data.train_urls=...",
     )
     p.add_argument("--splits", nargs="+", default=list(SPLITS), help="which data.<split>_urls to cache")
-    p.add_argument("--batch-size", type=int, default=64, help="images per vision forward pass")
+    p.add_argument("--batch-size", type=int, default=256, help="images per vision forward pass")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored precision")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--workers", type=int, default=2, help="threads decoding images")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on CUDA"
+    )
+    p.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes decoding images (0: none)"
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -61,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             dtype=args.dtype,
             device=args.device,
+            precision=args.precision,
             workers=args.workers,
             progress=not args.no_progress,
             description=f"caching {split} features",

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from vgtrain.data.feature_encoder import FeatureEncoder, encode_overlapped
 from vgtrain.models.backbones.vision import VisionBackbone
 
 
@@ -62,18 +63,32 @@ class CachedFeatures(Dataset):
 
 @torch.no_grad()
 def compute_features(
-    vision: VisionBackbone, batches: Iterable[dict[str, Any]], description: str
+    vision: VisionBackbone,
+    batches: Iterable[dict[str, Any]],
+    description: str,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
 ) -> CachedFeatures:
-    """Runs the vision tower once over every batch (each must carry ``pixel_values``)."""
+    """Runs the vision tower once over every batch (each must carry ``pixel_values``) on
+    ``device`` (``auto``: CUDA when available, bf16 autocast there; see
+    :mod:`vgtrain.data.feature_encoder`), overlapped with the loader's workers decoding the next
+    batches. Features come back as float32 on the CPU; the tower goes back to where it was."""
+    home = next(vision.parameters()).device
+    encoder = FeatureEncoder(vision, device, precision)
     tokens, pooled, captions, keys = [], [], [], []
     skipped: Counter[str] = Counter()
-    for batch in tqdm(batches, desc=description, unit="batch"):
-        skipped.update(batch.get("skipped", {}))
-        features = vision.encode(batch["pixel_values"])
-        tokens.append(features.tokens)
-        pooled.append(features.pooled)
-        captions.extend(batch["captions"])
-        keys.extend(batch["keys"])
+    try:
+        encoded = encode_overlapped(encoder, batches, lambda batch: batch["pixel_values"])
+        with tqdm(desc=description, unit="img") as bar:
+            for batch, (batch_tokens, batch_pooled) in encoded:
+                skipped.update(batch.get("skipped", {}))
+                tokens.append(batch_tokens)
+                pooled.append(batch_pooled)
+                captions.extend(batch["captions"])
+                keys.extend(batch["keys"])
+                bar.update(len(batch["keys"]))
+    finally:
+        vision.to(home)
     if not captions:
         raise ValueError(f"{description}: no samples to cache")
     return CachedFeatures(torch.cat(tokens), torch.cat(pooled), captions, keys, dict(skipped))

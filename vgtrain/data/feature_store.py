@@ -20,16 +20,19 @@ import hashlib
 import io
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from vgtrain.data.feature_encoder import FeatureEncoder, encode_overlapped
 from vgtrain.data.pipeline import CaptionPicker, SampleDecoder, SkipCounter, sample_caption
 from vgtrain.data.shards import write_shard
 from vgtrain.errors import UserError
@@ -40,6 +43,7 @@ FEATURES_DIR = "features"
 INFO_FILE = "cache.json"
 FORMAT_VERSION = 1
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+T = TypeVar("T")
 
 
 class FeatureCacheError(UserError):
@@ -165,73 +169,105 @@ def cached_decoder(caption_seed: int | None) -> Callable[[SkipCounter], CachedSa
     return lambda counter: CachedSampleDecoder(counter, caption_seed)
 
 
-@torch.no_grad()
-def cache_shard(
-    url: str,
-    out: Path,
-    vision: VisionBackbone,
-    *,
-    batch_size: int,
+class ShardBatches(IterableDataset):
+    """Decoded batches of the pending shards, in order, for a DataLoader with ``workers`` processes.
+
+    Every worker reads every shard (reading a tar is cheap next to decoding its images) and cuts
+    it into the same chunks of ``batch_size`` samples; worker w decodes chunks w, w + W, w + 2W...
+    The DataLoader takes batches from its workers round-robin, so they arrive in shard order.
+    Each shard yields at least one item (an empty shard still gets its, empty, cache shard).
+    """
+
+    def __init__(self, urls: list[str], transform: Callable[[Any], torch.Tensor], batch_size: int) -> None:
+        self.urls = urls
+        self.transform = transform
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        counter, tar_errors = SkipCounter(), SkipCounter()
+        decode = SampleDecoder(self.transform, counter)  # same decoding and transform as training
+        chunk = 0
+        for index, url in enumerate(self.urls):
+            stream = wds.DataPipeline(
+                wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=tar_errors.tar_error)
+            )
+            for raws in _chunks(iter(stream), self.batch_size, at_least_one=True):
+                errors = tar_errors.take()  # every worker meets them: the chunk's owner reports them
+                if chunk % workers == worker:
+                    yield self._decode(index, raws, decode, counter, errors)
+                chunk += 1
+
+    @staticmethod
+    def _decode(
+        shard: int,
+        raws: list[dict[str, Any]],
+        decode: SampleDecoder,
+        counter: SkipCounter,
+        errors: dict[str, int],
+    ) -> dict[str, Any]:
+        decoded = [(raw, item) for raw, item in ((raw, decode(raw)) for raw in raws) if item]
+        skipped = counter.take()
+        for reason, count in errors.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+        return {
+            "shard": shard,
+            "seen": len(raws),
+            "skipped": skipped,
+            "pixels": torch.stack([item["image"] for _, item in decoded]) if decoded else None,
+            # what the cache shard keeps of each sample besides its features: key and captions, as stored
+            "samples": [{k: raw[k] for k in ("__key__", "txt", "json") if k in raw} for raw, _ in decoded],
+        }
+
+
+def _chunks(items: Iterator[T], size: int, at_least_one: bool) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk or at_least_one:
+        yield chunk
+
+
+def _cache_samples(
+    items: Iterator[tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor] | None]],
     dtype: np.dtype,
-    device: torch.device,
-    pool: ThreadPoolExecutor,
+    counter: Counter[str],
     bar: tqdm,
-) -> dict[str, Any]:
-    """Features of one shard's samples, in the shard's order, written to ``out`` atomically."""
-    counter = SkipCounter()
-    decode = SampleDecoder(vision.transform, counter)  # same decoding and transform as training
-    stream = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=counter.tar_error))
-
-    def encode(raws: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        decoded = [(raw, item) for raw, item in zip(raws, pool.map(decode, raws), strict=True) if item]
-        bar.update(len(raws))
-        if not decoded:
-            return
-        features = vision.encode(torch.stack([item["image"] for _, item in decoded]).to(device))
-        tokens = features.tokens.float().cpu().numpy().astype(dtype)
-        pooled = features.pooled.float().cpu().numpy().astype(dtype)
-        for index, (raw, _) in enumerate(decoded):
-            sample = {
-                "__key__": raw["__key__"],
-                "tokens.npy": _npy(tokens[index]),
-                "pooled.npy": _npy(pooled[index]),
-            }
-            sample.update({ext: raw[ext] for ext in ("txt", "json") if ext in raw})  # captions, as stored
-            yield sample
-
-    def samples() -> Iterator[dict[str, Any]]:
-        pending: list[dict[str, Any]] = []
-        for raw in stream:
-            pending.append(raw)
-            if len(pending) == batch_size:
-                yield from encode(pending)
-                pending = []
-        yield from encode(pending)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written = write_shard(out, samples())
-    record = {"source": str(Path(url).resolve()), "source_size": Path(url).stat().st_size, "samples": written}
-    record["skipped"] = counter.take()
-    atomic_write_text(out.with_name(out.name + ".json"), json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return record
+) -> Iterator[dict[str, Any]]:
+    """One shard's encoded batches -> its cache samples (features stored in ``dtype``)."""
+    for batch, features in items:
+        bar.update(batch["seen"])
+        counter.update(batch["skipped"])
+        if features is None:
+            continue
+        tokens, pooled = (x.numpy().astype(dtype) for x in features)
+        for index, sample in enumerate(batch["samples"]):
+            yield {**sample, "tokens.npy": _npy(tokens[index]), "pooled.npy": _npy(pooled[index])}
 
 
 def write_cache(
     urls: list[str],
     vision: VisionBackbone,
     *,
-    batch_size: int = 64,
+    batch_size: int = 256,
     dtype: str = "float16",
-    device: str = "cpu",
+    device: str = "auto",
+    precision: str = "auto",
     workers: int = 2,
     progress: bool = True,
     description: str = "caching features",
 ) -> dict[str, Any]:
-    """Caches every shard of ``urls`` not cached yet; returns counts (done now / before)."""
+    """Caches every shard of ``urls`` not cached yet; returns counts (done now / before).
+
+    Images are decoded by ``workers`` DataLoader processes (0: in this process) while the tower
+    encodes on ``device`` (see :mod:`vgtrain.data.feature_encoder`); each shard's cache is written
+    atomically as soon as its last batch is encoded, so an interruption loses one shard at most."""
     identity = cache_identity(vision)
     tag = cache_tag(identity)
-    target = torch.device(device)
-    vision.to(target).eval()
     totals: dict[str, Any] = {
         "tag": tag,
         "shards_written": 0,
@@ -239,33 +275,47 @@ def write_cache(
         "samples": 0,
         "skipped": {},
     }
-    with (
-        ThreadPoolExecutor(max(1, workers)) as pool,
-        tqdm(desc=description, unit="img", disable=not progress) as bar,
-    ):
-        for url in urls:
-            out = cache_path(url, tag)
-            info = out.parent / INFO_FILE
-            if not info.is_file():
-                out.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(
-                    info, json.dumps({"identity": identity, "tag": tag}, indent=2, sort_keys=True) + "\n"
-                )
-            if _complete(url, out):
-                totals["shards_reused"] += 1
-                continue
-            record = cache_shard(
-                url,
-                out,
-                vision,
-                batch_size=batch_size,
-                dtype=np.dtype(dtype),
-                device=target,
-                pool=pool,
-                bar=bar,
+    pending = []
+    for url in urls:
+        out = cache_path(url, tag)
+        info = out.parent / INFO_FILE
+        if not info.is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(
+                info, json.dumps({"identity": identity, "tag": tag}, indent=2, sort_keys=True) + "\n"
+            )
+        if _complete(url, out):
+            totals["shards_reused"] += 1
+        else:
+            pending.append((url, out))
+    if not pending:
+        return totals
+    encoder = FeatureEncoder(vision, device, precision)
+    loader = DataLoader(
+        ShardBatches([url for url, _ in pending], vision.transform, batch_size),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=encoder.device.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    encoded = encode_overlapped(encoder, loader, lambda batch: batch["pixels"])
+    with tqdm(desc=description, unit="img", disable=not progress) as bar:
+        for shard, items in groupby(encoded, key=lambda item: item[0]["shard"]):
+            url, out = pending[shard]
+            counter: Counter[str] = Counter()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            written = write_shard(out, _cache_samples(items, np.dtype(dtype), counter, bar))
+            record = {
+                "source": str(Path(url).resolve()),
+                "source_size": Path(url).stat().st_size,
+                "samples": written,
+                "skipped": dict(counter),
+            }
+            atomic_write_text(
+                out.with_name(out.name + ".json"), json.dumps(record, indent=2, sort_keys=True) + "\n"
             )
             totals["shards_written"] += 1
-            totals["samples"] += record["samples"]
-            for reason, count in record["skipped"].items():
+            totals["samples"] += written
+            for reason, count in counter.items():
                 totals["skipped"][reason] = totals["skipped"].get(reason, 0) + count
     return totals
