@@ -13,6 +13,7 @@ REQUIRED = [
     ("decode", "kv_cache_speedup"),
     ("decode", "greedy_tokens_per_s"),
     ("data", "images_per_s"),
+    ("cache", "images_per_s"),
 ]
 
 

@@ -56,8 +56,8 @@ def _decode_rows(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _data_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    by_scale = result["data"]["by_scale"]
+def _data_rows(result: dict[str, Any], section: str = "data") -> tuple[list[str], list[list[str]]]:
+    by_scale = result[section]["by_scale"]
     workers = sorted({w for entry in by_scale.values() for w in entry["images_per_s_by_workers"]}, key=int)
     header = ["tower input", *[f"{w} workers img/s" for w in workers]]
     rows = [
@@ -90,6 +90,8 @@ def headline(result: dict[str, Any]) -> list[tuple[str, str]]:
             items.append((f"decode.greedy_tokens_per_s ({model})", f"{rate:.0f}"))
     if "data" in result:
         items.append(("data.images_per_s", f"{result['data']['images_per_s']:.0f}"))
+    if "cache" in result:
+        items.append(("cache.images_per_s", f"{result['cache']['images_per_s']:.0f}"))
     return items
 
 
@@ -115,6 +117,9 @@ def sections(result: dict[str, Any]) -> list[tuple[str, list[str], list[list[str
         out.append(("data pipeline (decode + transform + tokenise + collate)", header, rows))
     if "decode" in result:
         out.append(("decoding", DECODE_HEADER, _decode_rows(result)))
+    if "cache" in result:
+        header, rows = _data_rows(result, "cache")
+        out.append((f"feature caching (vgtrain cache on {result['cache']['device']})", header, rows))
     return out
 
 

@@ -86,6 +86,9 @@ class Size:
     decode_repeats: int = 3
     magic_k: int = 8
     decode_clipcap: bool = True  # also greedy with/without cache on the GPT-2-small-sized LM
+    cache_images: int = 256  # images `vgtrain cache` encodes per timed run, per tower
+    cache_batch: int = 64
+    cache_workers: tuple[int, ...] = (0, 2)  # decoding worker processes (0: in the main process)
     peak_matmul_n: int = 2048
     notes: list[str] = field(default_factory=list)
 
@@ -111,6 +114,9 @@ SMOKE = Size(
     decode_repeats=1,
     magic_k=4,
     decode_clipcap=False,
+    cache_images=16,
+    cache_batch=8,
+    cache_workers=(0,),
     peak_matmul_n=256,
 )
 

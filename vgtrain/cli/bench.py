@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from vgtrain.bench.cache import run_cache
 from vgtrain.bench.data import run_data, step_waits_on_data
 from vgtrain.bench.decode import run_decode
 from vgtrain.bench.machine import describe_machine, dtype_supported, matmul_peak
@@ -21,7 +22,7 @@ from vgtrain.bench.steps import quiet_lightning
 from vgtrain.bench.train import TrainBench
 from vgtrain.models import build_model
 
-SECTIONS = ("train", "data", "decode")
+SECTIONS = ("train", "data", "decode", "cache")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -130,6 +131,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if "decode" in wanted:
         log("decoding")
         result["decode"] = decode_section(size, train, device, log)
+    if "cache" in wanted:
+        log("feature caching")
+        result["cache"] = run_cache(size, workdir, device, log)
     result["wall_s"] = time.perf_counter() - started
     result["machine"]["load_average_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     out.write_text(json.dumps(result, indent=2) + "\n")
