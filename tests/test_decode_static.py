@@ -12,7 +12,7 @@ import torch
 from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION
 from tests.test_decode import _job
 from tests.tiny_checkpoints import heldout_images, tiny_llama_folder
-from vgtrain.decode import Decoding, VisualDecoder
+from vgtrain.decode import Decoding, VisualDecoder, generate_captions
 from vgtrain.decode.base import until_eos
 from vgtrain.decode.reference import greedy_reference
 from vgtrain.decode.search import Limits, sample_or_greedy
@@ -179,3 +179,17 @@ def test_cuda_graph_step_gives_the_eager_tokens_without_host_syncs(images, tmp_p
             finally:
                 torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(runs["eager"], runs["cuda-graph"])
+
+
+@pytest.mark.parametrize("llm", ["gpt2", "llama"])
+def test_training_time_captions_are_generates(llm, images, tmp_path_factory):
+    """generate_captions (validation metrics, held-out eval) runs greedy on the static cache; any
+    generate keyword (here the default one, spelt out) takes transformers' generate instead."""
+    decoder = _decoder("both", llm, tmp_path_factory)
+    model = decoder.model
+    _, features = _job(decoder, images, decoder.prompts(3))
+    static = generate_captions(model, features, prompt="a photo of", max_new_tokens=8)
+    assert static == generate_captions(
+        model, features, prompt="a photo of", max_new_tokens=8, do_sample=False
+    )
+    assert len(static) == 3 and all(static)

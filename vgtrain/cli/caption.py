@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Any
 
+from vgtrain.decode.static_lm import STEP_MODES
 from vgtrain.decode.strategies import STRATEGIES, get_strategy
 
 # Command-line flag -> strategy option; unset flags are left out, so a strategy's defaults apply
@@ -35,6 +36,7 @@ OPTIONS = (
     "min_new_tokens",
     "max_new_tokens",
     "stop_strings",
+    "step",
 )
 CHUNK = 256  # images read and decoded per round, so a large folder is not held in memory at once
 
@@ -82,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int)
     g.add_argument(
         "--stop-strings", action="append", help="stop string (repeatable); the caption ends before it"
+    )
+    g.add_argument(
+        "--step",
+        choices=STEP_MODES,
+        help="greedy/sample: how a token step runs (auto: a CUDA graph on CUDA, eager elsewhere)",
     )
     return p
 

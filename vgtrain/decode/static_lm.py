@@ -138,10 +138,16 @@ class StaticLM:
     ) -> torch.Tensor:
         """Writes k, v ``[B, kv_heads, T, head_dim]`` at ``columns`` and attends q over the cache."""
         keys, values = self.cache[layer, 0], self.cache[layer, 1]
-        keys.index_copy_(2, columns, k)
-        values.index_copy_(2, columns, v)
+        # .to: no-ops, unless autocast made the projections bf16 (the cache keeps the weights' dtype)
+        keys.index_copy_(2, columns, k.to(keys.dtype))
+        values.index_copy_(2, columns, v.to(values.dtype))
         out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=self.kv_heads != self.heads
+            q.to(keys.dtype),
+            keys,
+            values,
+            attn_mask=mask,
+            scale=self.scale,
+            enable_gqa=self.kv_heads != self.heads,
         )
         return out.transpose(1, 2).flatten(2)
 
