@@ -5,9 +5,11 @@ and Llama LLMs, prefix and cross-attention routes, rows of different lengths (le
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import OPTConfig
 
 from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION
 from tests.test_decode import _job
@@ -16,9 +18,10 @@ from vgtrain.decode import Decoding, VisualDecoder, generate_captions
 from vgtrain.decode.base import until_eos
 from vgtrain.decode.reference import greedy_reference
 from vgtrain.decode.search import Limits, sample_or_greedy
-from vgtrain.decode.static_lm import StaticLM, make_step
+from vgtrain.decode.static_lm import StaticLM, make_step, supports
 from vgtrain.decode.strategies import get_strategy
 from vgtrain.models import build_model
+from vgtrain.models.xattn import find_decoder_layers
 
 XATTN = {"name": "gated", "every": 1, "num_heads": 2, "head_dim": 16, "ff_mult": 2}
 ROUTES = {"prefix": (TINY_MAPPER, None), "xattn": (None, XATTN), "both": (TINY_MAPPER, XATTN)}
@@ -144,6 +147,12 @@ def test_other_llms_and_generate_only_options_fall_back_to_generate(images, tmp_
     assert not greedy.lean(job, greedy.resolve({"repetition_penalty": 1.3}))
     assert not greedy.lean(job, greedy.resolve({"no_repeat_ngram_size": 2}))
     assert not greedy.lean(job, greedy.resolve({"stop_strings": ["."]}))
+    layer = find_decoder_layers(job.llm.model.base_model)[1]
+    handle = layer.register_forward_hook(lambda module, args, output: None)
+    assert not greedy.lean(job, greedy.resolve({}))  # only generate would run that hook
+    handle.remove()
+    opt = SimpleNamespace(model=SimpleNamespace(config=OPTConfig()))
+    assert "model type 'opt'" in supports(opt)
     with pytest.raises(ValueError, match="num_return_sequences"):  # generate's own explanation
         decoder.decode(features, prompts, "greedy", num_return_sequences=2)
     plain = decoder.decode(features, prompts, "greedy", max_new_tokens=8)

@@ -53,13 +53,19 @@ class GenerateStrategy(Strategy):
 
     def lean(self, job: Decoding, options: dict[str, Any]) -> bool:
         """Whether the static-cache loop can do this job exactly as ``generate`` would."""
-        hooked = any(layer._forward_pre_hooks for layer in _layers(job))
+        if supports(job.llm) is not None:
+            return False
+        # The loop calls the blocks' parts, not the blocks: hooks on a block run only inside
+        # generate, except the cross-attention pre-hooks, which the loop runs itself.
+        layers = _layers(job)
+        unknown_hooks = any(layer._forward_hooks for layer in layers) or (
+            job.xattn is None and any(layer._forward_pre_hooks for layer in layers)
+        )
         return (
             options["repetition_penalty"] == 1.0
             and not options["no_repeat_ngram_size"]
             and not options["stop_strings"]
-            and supports(job.llm) is None
-            and (job.xattn is not None or not hooked)  # unknown hooks: only generate runs them
+            and not unknown_hooks
         )
 
     @torch.no_grad()
