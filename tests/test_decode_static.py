@@ -18,7 +18,7 @@ from vgtrain.decode import Decoding, VisualDecoder, generate_captions
 from vgtrain.decode.base import until_eos
 from vgtrain.decode.reference import greedy_reference
 from vgtrain.decode.search import Limits, sample_or_greedy
-from vgtrain.decode.static_lm import StaticLM, make_step, supports
+from vgtrain.decode.static_lm import StaticLM, engine, supports
 from vgtrain.decode.strategies import get_strategy
 from vgtrain.models import build_model
 from vgtrain.models.xattn import find_decoder_layers
@@ -160,6 +160,36 @@ def test_other_llms_and_generate_only_options_fall_back_to_generate(images, tmp_
     assert [g[0].tokens for g in penalised] != [g[0].tokens for g in plain]  # generate's processor ran
 
 
+def _greedy_rows(job: Decoding, order: list[int], step_mode: str) -> torch.Tensor:
+    """Greedy tokens of the job's rows in ``order``, through :func:`engine` (memory bound)."""
+    inputs, llm = job.inputs, job.llm
+    rows = torch.tensor(order, device=inputs.embeds.device)
+    mask, embeds = inputs.attention_mask[rows], inputs.embeds[rows]
+    limits = Limits(10, 0, llm.eos_token_id, llm.tokenizer.pad_token_id)
+    with job.bind_memory(1, rows=order):
+        lm, step = engine(llm, mask, mask.shape[1] + 10, job.xattn, job.xattn.memory, step_mode)
+        return sample_or_greedy(lm, embeds, limits, step=step, check_every=100)
+
+
+def test_a_static_lm_reset_with_another_batch_decodes_it_as_a_fresh_one(images, tmp_path_factory):
+    """What lets a captured CUDA graph serve the next batch: reset() refills the same buffers."""
+    decoder = _decoder("both", "gpt2", tmp_path_factory)
+    job, _ = _job(decoder, images, decoder.prompts(3, QUESTIONS))
+    llm, inputs = job.llm, job.inputs
+    limits = Limits(10, 0, llm.eos_token_id, llm.tokenizer.pad_token_id)
+    fresh = _greedy_rows(job, [2, 0, 1], "eager")
+    with job.bind_memory(1):
+        lm = StaticLM(
+            llm, inputs.attention_mask, inputs.attention_mask.shape[1] + 10, job.xattn, job.xattn.memory
+        )
+        first = sample_or_greedy(lm, inputs.embeds, limits)
+    rows = torch.tensor([2, 0, 1])
+    with job.bind_memory(1, rows=[2, 0, 1]):
+        lm.reset(inputs.attention_mask[rows], job.xattn.memory)
+        again = sample_or_greedy(lm, inputs.embeds[rows], limits)
+    assert torch.equal(again, fresh) and torch.equal(first[rows], fresh)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_step_gives_the_eager_tokens_without_host_syncs(images, tmp_path_factory):
     decoder = _decoder("both", "gpt2", tmp_path_factory)
@@ -167,27 +197,16 @@ def test_cuda_graph_step_gives_the_eager_tokens_without_host_syncs(images, tmp_p
     decoder.device = torch.device("cuda")
     prompts = decoder.prompts(3, QUESTIONS)
     job, _ = _job(decoder, images, prompts)
-    inputs, llm = job.inputs, job.llm
-    job.inputs.embeds, job.inputs.attention_mask = inputs.embeds.cuda(), inputs.attention_mask.cuda()
-    limits = Limits(10, 10, llm.eos_token_id, llm.tokenizer.pad_token_id)
-    runs = {}
-    for mode in ("eager", "cuda-graph"):
-        with job.bind_memory(1):
-            lm = StaticLM(
-                llm,
-                job.inputs.attention_mask,
-                job.inputs.attention_mask.shape[1] + 10,
-                job.xattn,
-                job.xattn.memory,
-            )
-            step = make_step(lm, mode)  # capturing synchronises; decoding must not
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                runs[mode] = sample_or_greedy(lm, job.inputs.embeds, limits, step=step, check_every=100)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-    assert torch.equal(runs["eager"], runs["cuda-graph"])
+    job.inputs.embeds, job.inputs.attention_mask = job.inputs.embeds.cuda(), job.inputs.attention_mask.cuda()
+    eager = _greedy_rows(job, [0, 1, 2], "eager")
+    graphed = _greedy_rows(job, [0, 1, 2], "cuda-graph")  # captures (capturing synchronises)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:  # the next batch of the same shapes replays the captured graph: no capture, no sync
+        again = _greedy_rows(job, [2, 0, 1], "cuda-graph")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(eager, graphed) and torch.equal(again, eager[torch.tensor([2, 0, 1], device="cuda")])
 
 
 @pytest.mark.parametrize("llm", ["gpt2", "llama"])

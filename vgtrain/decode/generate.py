@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from vgtrain.decode.search import Limits, sample_or_greedy
-from vgtrain.decode.static_lm import StaticLM, supports
+from vgtrain.decode.static_lm import engine, supports
 from vgtrain.models.backbones.vision import VisualFeatures
 from vgtrain.models.prefix_lm import VisualPrefixLM, prompt_token_ids
 
@@ -34,9 +34,9 @@ def generate_captions(
     with model.visual_context(features):
         if not generate_kwargs and supports(model.llm) is None:
             memory = model.xattn.memory if model.xattn is not None else None
-            lm = StaticLM(model.llm, mask, mask.shape[1] + max_new_tokens, model.xattn, memory)
+            lm, step = engine(model.llm, mask, mask.shape[1] + max_new_tokens, model.xattn, memory)
             limits = Limits(max_new_tokens, 0, model.llm.eos_token_id, tokenizer.pad_token_id)
-            new_tokens = sample_or_greedy(lm, embeds, limits)
+            new_tokens = sample_or_greedy(lm, embeds, limits, step=step)
             texts = tokenizer.batch_decode(cut_after_eos(new_tokens, limits), skip_special_tokens=True)
             return [text.strip() for text in texts]
         new_tokens = model.llm.model.generate(

@@ -18,7 +18,9 @@ model returns ``None`` from :func:`static_lm` and its strategies keep transforme
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -88,37 +90,41 @@ class StaticLM:
             len(self.layers), 2, batch, self.kv_heads, length, self.head_dim, device=device, dtype=dtype
         )
         self._spare: torch.Tensor | None = None  # beam search gathers into it, then swaps
-        self.valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-        self.valid[:, :prompt] = attention_mask.bool()
         self.columns = torch.arange(length, device=device)
-        real = attention_mask.long().sum(1)
-        # Positions of the prompt columns (padding: 0, masked anyway) and of each generated column.
-        self.prompt_positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-        self.next_position = real  # [B]: position of the first generated token
-        self.xattn_blocks = self._xattn(xattn, memory)
+        self.valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        self.prompt_positions = torch.zeros(batch, prompt, dtype=torch.long, device=device)
+        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.xattn = xattn
+        self.memory_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reset(attention_mask, memory)
         if self.family == "llama":
             positions = torch.arange(length, device=device).unsqueeze(0)
             probe = torch.zeros(1, device=device, dtype=dtype)
             cos, sin = base.rotary_emb(probe, positions)  # the model's own RoPE (scaling included)
             self.cos, self.sin = cos[0], sin[0]  # [S, head_dim]
 
-    def _xattn(
-        self, xattn: CrossAttentionAdapter | None, memory: torch.Tensor | None
-    ) -> dict[int, Callable[[torch.Tensor], torch.Tensor]]:
-        """Per layer index: hidden -> hidden through its gated block, memory keys/values computed once."""
-        if xattn is None:
-            return {}
+    def reset(self, attention_mask: torch.Tensor, memory: torch.Tensor | None = None) -> None:
+        """Takes a new batch of the same shapes, in place: a captured CUDA graph reads these very
+        buffers (the cache itself needs no clearing: the prefill and each step write their columns
+        before reading them, and later columns are masked)."""
+        self.valid[:, : self.prompt] = attention_mask.bool()
+        # Positions of the prompt columns (padding: 0, masked anyway); the first generated token's.
+        self.prompt_positions.copy_((attention_mask.long().cumsum(1) - 1).clamp(min=0))
+        self.next_position.copy_(attention_mask.long().sum(1))
+        if self.xattn is None:
+            return
         if memory is None:
             raise RuntimeError("cross-attention layers need the visual memory: decode inside bind_memory")
         if memory.shape[0] != self.batch:
             memory = memory.repeat_interleave(self.batch // memory.shape[0], dim=0)
         memory = memory.to(self.cache.dtype)  # as the hooks cast it to the hidden states' dtype
-        blocks = {}
-        for index in xattn.layer_indices:
-            block = xattn.blocks[str(index)]
-            keys_values = block.memory_keys_values(memory)
-            blocks[index] = lambda hidden, block=block, kv=keys_values: block.attend(hidden, kv)
-        return blocks
+        for index in self.xattn.layer_indices:  # the memory's keys and values, once per batch
+            keys, values = self.xattn.blocks[str(index)].memory_keys_values(memory)
+            if index in self.memory_kv:
+                self.memory_kv[index][0].copy_(keys)
+                self.memory_kv[index][1].copy_(values)
+            else:
+                self.memory_kv[index] = (keys.contiguous(), values.contiguous())
 
     # -- the model ------------------------------------------------------------------------------
 
@@ -186,8 +192,8 @@ class StaticLM:
         """Hidden states after the final norm, ``[B, T, D]``; mask ``[B, 1, T, S]`` (True: attend)."""
         hidden = self._embed_positions(embeds, positions)
         for index, block in enumerate(self.layers):
-            if index in self.xattn_blocks:
-                hidden = self.xattn_blocks[index](hidden)
+            if index in self.memory_kv:
+                hidden = self.xattn.blocks[str(index)].attend(hidden, self.memory_kv[index])
             hidden = self._block(index, block, hidden, positions, columns, mask)
         base = self.llm.model.base_model
         return base.ln_f(hidden) if self.family == "gpt2" else base.norm(hidden)
@@ -250,6 +256,49 @@ def make_step(lm: StaticLM, mode: str = "auto") -> Step:
     if device.type != "cuda":
         raise ValueError(f"decoding step 'cuda-graph' needs a CUDA device, the model is on {device}")
     return _cuda_graph(lm, eager)
+
+
+_CAPTURED: weakref.WeakKeyDictionary[LanguageModel, tuple[tuple[Any, ...], StaticLM, Step]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def engine(
+    llm: LanguageModel,
+    attention_mask: torch.Tensor,
+    length: int,
+    xattn: CrossAttentionAdapter | None = None,
+    memory: torch.Tensor | None = None,
+    step: str = "auto",
+) -> tuple[StaticLM, Step]:
+    """A static LM and its step for one batch. A CUDA graph is captured once per LLM and shape and
+    replayed by later batches of the same shapes (validation, benchmarks, a stream of images):
+    capturing costs more than a whole 20-token decode."""
+    mode = "cuda-graph" if step == "auto" and attention_mask.device.type == "cuda" else step
+    if mode != "cuda-graph":
+        lm = StaticLM(llm, attention_mask, length, xattn, memory)
+        return lm, make_step(lm, mode)
+    # Parameters are read by address: the same storages (in-place updates are fine) or a new capture.
+    head, embedding = llm.model.get_output_embeddings().weight, llm.model.get_input_embeddings().weight
+    key = (
+        tuple(attention_mask.shape),
+        length,
+        attention_mask.device,
+        id(xattn),
+        None if memory is None else tuple(memory.shape),
+        head.data_ptr(),
+        embedding.data_ptr(),
+        embedding.dtype,
+    )
+    captured = _CAPTURED.get(llm)
+    if captured is not None and captured[0] == key:
+        captured[1].reset(attention_mask, memory)
+        return captured[1], captured[2]
+    _CAPTURED.pop(llm, None)  # one graph per LLM: its memory pool goes with it
+    lm = StaticLM(llm, attention_mask, length, xattn, memory)
+    replay = make_step(lm, "cuda-graph")
+    _CAPTURED[llm] = (key, lm, replay)
+    return lm, replay
 
 
 def _cuda_graph(lm: StaticLM, eager: Step) -> Step:

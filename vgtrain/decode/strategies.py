@@ -18,7 +18,7 @@ import torch
 from vgtrain.decode.base import Candidate, Decoding, Strategy, finish, until_eos
 from vgtrain.decode.magic import Magic
 from vgtrain.decode.search import Limits, beam_search, sample_or_greedy
-from vgtrain.decode.static_lm import StaticLM, make_step, supports
+from vgtrain.decode.static_lm import StaticLM, Step, engine, supports
 from vgtrain.models.xattn import find_decoder_layers
 
 GENERATE_OPTIONS: dict[str, Any] = {
@@ -46,7 +46,7 @@ class GenerateStrategy(Strategy):
         return int(options["num_return_sequences"])
 
     def search(
-        self, lm: StaticLM, embeds: torch.Tensor, limits: Limits, options: dict[str, Any]
+        self, lm: StaticLM, step: Step, embeds: torch.Tensor, limits: Limits, options: dict[str, Any]
     ) -> torch.Tensor:
         """The static-cache loop of this strategy: ``[rows, steps]`` tokens as ``generate`` gives them."""
         raise NotImplementedError
@@ -90,8 +90,12 @@ class GenerateStrategy(Strategy):
         )
         with job.bind_memory(expand):
             memory = job.xattn.memory if job.xattn is not None else None
-            lm = StaticLM(job.llm, mask, mask.shape[1] + limits.max_new_tokens, job.xattn, memory)
-            return self.search(lm, embeds, limits, o)
+            length = mask.shape[1] + limits.max_new_tokens
+            lm, step = engine(job.llm, mask, length, job.xattn, memory, self.step_mode(o))
+            return self.search(lm, step, embeds, limits, o)
+
+    def step_mode(self, options: dict[str, Any]) -> str:
+        return options["step"]
 
     def run_generate(self, job: Decoding, o: dict[str, Any]) -> torch.Tensor:
         """Token rows from transformers' ``generate`` (options resolved)."""
@@ -129,9 +133,9 @@ class Greedy(GenerateStrategy):
         return options["num_return_sequences"] == 1 and super().lean(job, options)  # else generate's error
 
     def search(
-        self, lm: StaticLM, embeds: torch.Tensor, limits: Limits, options: dict[str, Any]
+        self, lm: StaticLM, step: Step, embeds: torch.Tensor, limits: Limits, options: dict[str, Any]
     ) -> torch.Tensor:
-        return sample_or_greedy(lm, embeds, limits, step=make_step(lm, options["step"]))
+        return sample_or_greedy(lm, embeds, limits, step=step)
 
 
 class Beam(GenerateStrategy):
@@ -153,8 +157,11 @@ class Beam(GenerateStrategy):
         # Out-of-range settings go to generate, which explains them.
         return 1 <= options["num_return_sequences"] <= options["num_beams"] and super().lean(job, options)
 
+    def step_mode(self, options: dict[str, Any]) -> str:
+        return "eager"  # the beams' cache rows are gathered each step: no fixed buffers to graph
+
     def search(
-        self, lm: StaticLM, embeds: torch.Tensor, limits: Limits, options: dict[str, Any]
+        self, lm: StaticLM, step: Step, embeds: torch.Tensor, limits: Limits, options: dict[str, Any]
     ) -> torch.Tensor:
         return beam_search(
             lm,
@@ -182,7 +189,7 @@ class Sample(GenerateStrategy):
         }
 
     def search(
-        self, lm: StaticLM, embeds: torch.Tensor, limits: Limits, options: dict[str, Any]
+        self, lm: StaticLM, step: Step, embeds: torch.Tensor, limits: Limits, options: dict[str, Any]
     ) -> torch.Tensor:
         return sample_or_greedy(
             lm,
@@ -192,7 +199,7 @@ class Sample(GenerateStrategy):
             temperature=options["temperature"],
             top_k=options["top_k"],
             top_p=options["top_p"],
-            step=make_step(lm, options["step"]),
+            step=step,
         )
 
     def decode(self, job: Decoding, options: dict[str, Any]) -> list[list[Candidate]]:
