@@ -34,7 +34,9 @@ GENERATE_OPTIONS: dict[str, Any] = {
 
 
 class GenerateStrategy(Strategy):
-    """Shared plumbing for the strategies transformers' ``generate`` already implements."""
+    """Shared plumbing for the strategies transformers' ``generate`` implements: vgtrain's
+    static-cache loop runs them when it can give ``generate``'s tokens (:meth:`lean`), else
+    ``generate`` does."""
 
     sort_by_score: ClassVar[bool] = False  # beam output is ranked already; samples are not
 
