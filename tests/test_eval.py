@@ -19,7 +19,7 @@ from vgtrain.config.paths import CONF_DIR
 from vgtrain.data.shards import write_shard
 from vgtrain.evaluation.report import loss_svg, training_history
 from vgtrain.export.writer import export_checkpoint
-from vgtrain.metrics import METRIC_KEYS
+from vgtrain.metrics import METRIC_KEYS, caption_metrics
 
 NUM_IMAGES = 6
 
@@ -81,8 +81,22 @@ def test_eval_cli_writes_predictions_metrics_and_report(exported, eval_shard, tm
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(METRIC_KEYS) <= metrics.keys()
-    for key in ("bleu_1", "bleu_4", "rouge_l", "cider", "clipscore", "refclipscore"):
-        assert isinstance(metrics[key], float) and metrics[key] >= 0, key
+    # The figures are those of the predictions written beside them (scored again here), the
+    # per-image ones too; CLIPScore's corpus figure is the mean of its per-image ones.
+    again = caption_metrics(
+        {r["key"]: r["prediction"] for r in rows},
+        {r["key"]: r["references"] for r in rows},
+        metrics=["bleu", "rouge_l", "cider"],
+    )
+    for key in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider"):
+        assert metrics[key] == pytest.approx(again.values[key], abs=1e-9), key
+        assert [r["metrics"][key] for r in rows] == pytest.approx(
+            [again.per_image[r["key"]][key] for r in rows], abs=1e-9
+        ), key
+    for key in ("clipscore", "refclipscore"):
+        per_image = [r["metrics"][key] for r in rows]
+        assert all(0 <= v <= 2.5 for v in per_image), key  # w * max(cos, 0), w = 2.5
+        assert metrics[key] == pytest.approx(sum(per_image) / len(per_image), abs=1e-6), key
     assert metrics["meteor"] is None and "metrics.meteor=false" in metrics["skipped"]["meteor"]
     assert metrics["spice"] is None and "spice" in metrics["skipped"]
     assert metrics["num_images"] == NUM_IMAGES and metrics["skipped_samples"] == {"missing_caption": 1}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -10,8 +11,10 @@ import torch
 from vgtrain.metrics import bleu, caption_metrics, cider_d, clip_scores, rouge_l, tokenize
 from vgtrain.metrics.java import java_problem
 
-pycocoevalcap = pytest.importorskip(
-    "pycocoevalcap", reason="pycocoevalcap is the reference (pip install vgtrain[dev])"
+# The tests against the reference need it; the hand-computed values do not.
+needs_reference = pytest.mark.skipif(
+    importlib.util.find_spec("pycocoevalcap") is None,
+    reason="pycocoevalcap is the reference (pip install vgtrain[dev])",
 )
 
 # Candidates and references with ties (two references equally close in length, identical
@@ -64,6 +67,7 @@ def reference_scores(candidates: dict, references: dict) -> dict[str, float]:
     }
 
 
+@needs_reference
 def test_bleu_rouge_cider_equal_reference_on_tokenized_text() -> None:
     """The scorers alone (no Java needed): same tokenized input -> same values to 1e-6."""
     candidates = tokenize({k: [v] for k, v in PREDICTIONS.items()})
@@ -79,6 +83,7 @@ def test_bleu_rouge_cider_equal_reference_on_tokenized_text() -> None:
     assert 0 < ours["bleu_4"] < ours["bleu_1"] < 1 and ours["cider"] > 0
 
 
+@needs_reference
 def test_per_image_scores_equal_reference() -> None:
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -95,6 +100,72 @@ def test_per_image_scores_equal_reference() -> None:
     assert cider_d(candidates, references)[1] == pytest.approx(
         list(Cider().compute_score(references, candidates)[1]), abs=1e-6
     )
+
+
+# Two images, one reference each, small enough to score by hand (the derivations are below).
+HAND_CANDIDATES = {"A": ["a dog runs on the grass"], "B": ["a cat sleeps"]}
+HAND_REFERENCES = {"A": ["a dog runs on grass"], "B": ["a cat sleeps on a bed"]}
+
+
+def hand_values() -> dict[str, float]:
+    """BLEU-1..4, ROUGE-L and CIDEr-D of HAND_CANDIDATES worked out by hand.
+
+    BLEU (corpus-level, clipped n-gram precision summed over both images; brevity penalty from
+    the closest reference length): 1-grams 5/6 + 3/3 = 8/9, 2-grams 3/5 + 2/2 = 5/7, 3-grams
+    2/4 + 1/1 = 3/5, 4-grams 1/3 + 0/0 = 1/3; candidate length 9 < reference length 11, so
+    BP = exp(1 - 11/9).
+    ROUGE-L (beta = 1.2, mean over images): A has LCS 5 of 6 / 5 tokens, B LCS 3 of 3 / 6.
+    CIDEr-D (sigma = 6, x10, idf over the 2 images' references): "a" and "on" occur in both
+    references and weigh 0, every other n-gram weighs log 2 (which cancels in the cosines).
+    A: cosines 3/(2*sqrt3), 3/(2*sqrt5), 2/(2*sqrt3), 1/sqrt6 for n = 1..4; 5 vs 4 bigrams, so
+    the length penalty is exp(-1/72). B: 2/(sqrt2*sqrt3), 2/sqrt10, 1/2, 0 (no 4-gram);
+    2 vs 5 bigrams: exp(-9/72).
+    """
+    bp = math.exp(1 - 11 / 9)
+    precisions = [8 / 9, 5 / 7, 3 / 5, 1 / 3]
+    values = {f"bleu_{n}": bp * math.prod(precisions[:n]) ** (1 / n) for n in range(1, 5)}
+
+    def f_beta(precision: float, recall: float, beta: float = 1.2) -> float:
+        return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
+
+    values["rouge_l"] = (f_beta(5 / 6, 5 / 5) + f_beta(3 / 3, 3 / 6)) / 2
+    r2, r3, r5, r6, r10 = (math.sqrt(x) for x in (2, 3, 5, 6, 10))
+    cider_a = 10 * math.exp(-1 / 72) * (3 / (2 * r3) + 3 / (2 * r5) + 2 / (2 * r3) + 1 / r6) / 4
+    cider_b = 10 * math.exp(-9 / 72) * (2 / (r2 * r3) + 2 / r10 + 1 / 2 + 0) / 4
+    values["cider_a"], values["cider_b"] = cider_a, cider_b
+    values["cider"] = (cider_a + cider_b) / 2
+    return values
+
+
+def test_scores_equal_hand_computed_values() -> None:
+    expected = hand_values()
+    # Rounded figures, for a reader checking the arithmetic above.
+    assert [round(expected[f"bleu_{n}"], 4) for n in range(1, 5)] == [0.7118, 0.6380, 0.5805, 0.4780]
+    assert round(expected["rouge_l"], 4) == 0.7766
+    assert (round(expected["cider_a"], 4), round(expected["cider_b"], 4)) == (6.2191, 4.2999)
+
+    corpus, _ = bleu(HAND_CANDIDATES, HAND_REFERENCES)
+    assert corpus == pytest.approx([expected[f"bleu_{n}"] for n in range(1, 5)], abs=1e-6)
+    assert rouge_l(HAND_CANDIDATES, HAND_REFERENCES)[0] == pytest.approx(expected["rouge_l"], abs=1e-6)
+    cider, per_image = cider_d(HAND_CANDIDATES, HAND_REFERENCES)
+    assert cider == pytest.approx(expected["cider"], abs=1e-6)
+    assert per_image == pytest.approx([expected["cider_a"], expected["cider_b"]], abs=1e-6)
+    # Raw text through the whole pipeline (tokenizer included): casing and punctuation do not count.
+    report = caption_metrics(
+        {"A": "A dog runs on the grass.", "B": "A cat sleeps!"},
+        {"A": ["A dog runs on grass."], "B": ["A cat sleeps on a bed."]},
+        metrics=["bleu", "rouge_l", "cider"],
+    )
+    assert {k: report.values[k] for k in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider")} == (
+        pytest.approx({k: v for k, v in expected.items() if not k.startswith("cider_")}, abs=1e-6)
+    )
+
+
+@needs_reference
+def test_hand_computed_values_equal_reference() -> None:
+    expected = hand_values()
+    theirs = reference_scores(HAND_CANDIDATES, HAND_REFERENCES)
+    assert theirs == pytest.approx({k: v for k, v in expected.items() if k in theirs}, abs=1e-6)
 
 
 def test_tokenizing_twice_changes_nothing() -> None:
@@ -116,6 +187,7 @@ def test_empty_and_perfect_candidates() -> None:
     assert empty.values["cider"] == 0 and empty.values["rouge_l"] == 0 and empty.values["bleu_4"] < 1e-9
 
 
+@needs_reference
 @pytest.mark.skipif(
     java_problem() is not None, reason=f"no Java for the reference tokenizer: {java_problem()}"
 )
@@ -135,6 +207,7 @@ def test_full_pipeline_equals_reference_with_its_java_tokenizer() -> None:
     assert {k: report.values[k] for k in expected} == pytest.approx(expected, abs=1e-6)
 
 
+@needs_reference
 @pytest.mark.skipif(java_problem() is not None, reason=f"METEOR needs Java: {java_problem()}")
 def test_meteor_equals_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     from pycocoevalcap.meteor.meteor import Meteor
