@@ -112,18 +112,44 @@ def test_checkpoint_with_another_adapter_shape_is_refused(shapes_dir, tmp_path):
         )
 
 
+class _StepRecorder(L.Callback):
+    """Each training step's loss, and whether autocast was on while the LLM ran its matmuls."""
+
+    def __init__(self, llm: torch.nn.Module) -> None:
+        self.losses: list[float] = []
+        self.matmul_dtypes: set[torch.dtype] = set()
+        self.autocast_on: set[bool] = set()
+        for layer in llm.modules():
+            if isinstance(layer, torch.nn.Linear) or type(layer).__name__ == "Conv1D":  # GPT-2's linear
+                layer.register_forward_hook(self._seen)
+
+    def _seen(self, layer: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled():  # training steps only, not generation or validation
+            self.matmul_dtypes.add(output.dtype)
+            self.autocast_on.add(torch.is_autocast_enabled("cpu"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
 def test_bf16_mixed_precision_trains_on_cpu(shapes_dir, tmp_path):
-    module = _module()
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        precision="bf16-mixed",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=0,
+    """bf16-mixed on CPU: autocast is on in the LLM's matmuls (bf16 activations), the weights stay
+    fp32 (master weights), and the loss falls. The LLM trains too: a frozen random LLM behind a
+    fresh mapper moves the loss too little in a few steps to tell learning from noise."""
+    torch.manual_seed(0)
+    module = _module(lr=3e-3, trainable=True)  # the LM head learns the caption words in a few steps
+    recorder = _StepRecorder(module.model.llm)
+    steps = 8
+    trainer = quiet_trainer(
+        tmp_path, steps, precision="bf16-mixed", limit_val_batches=0, callbacks=[recorder]
     )
     trainer.fit(module, datamodule=_datamodule(module, shapes_dir, cache_features=True))
-    loss = trainer.callback_metrics["train/loss"]
-    assert torch.isfinite(loss) and module.model.mapper.output_proj.weight.dtype == torch.float32
+    assert recorder.autocast_on == {True}
+    assert recorder.matmul_dtypes == {torch.bfloat16}
+    assert module.model.mapper.output_proj.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in module.model.llm.parameters())
+    losses = recorder.losses
+    assert len(losses) == steps and all(torch.isfinite(torch.tensor(losses)))
+    # Mean of the last three steps well below the first three (different batches: not step by step).
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.9 * first, losses  # 6.2 -> 4.6 here
