@@ -172,6 +172,7 @@ def test_every_experiment_builds_and_takes_a_training_step(experiment, shapes_di
 
     from vgtrain.cli.train import build_datamodule, build_module
     from vgtrain.config.build import compose_train_config, instantiate_group
+    from vgtrain.config.schema import TrainSchema, validate
 
     composed = _compose([f"experiment={experiment}"])
     substitutes = []
@@ -206,13 +207,13 @@ def test_every_experiment_builds_and_takes_a_training_step(experiment, shapes_di
         assert OmegaConf.select(cfg, key) == OmegaConf.select(composed, key), key
     assert cfg.model.llm.trainable == composed.model.llm.trainable
 
+    validate(cfg, TrainSchema)  # as `vgtrain train` does before building anything
     module = build_module(cfg)
     datamodule = build_datamodule(cfg, module)
     trainer = instantiate(
         cfg.trainer,
         callbacks=instantiate_group(cfg.callbacks),
         logger=instantiate_group(cfg.logger),
-        enable_progress_bar=False,
         max_steps=1,
         limit_val_batches=0,
     )
