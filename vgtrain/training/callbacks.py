@@ -1,14 +1,14 @@
-"""Callbacks: throughput, skipped-sample accounting, parameter counts at start, non-finite guard."""
+"""Callbacks: throughput (Lightning's monitor), skipped samples, gates and parameter counts, non-finite guard."""
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
 
 from vgtrain.errors import NonFiniteError
@@ -16,16 +16,34 @@ from vgtrain.errors import NonFiniteError
 log = logging.getLogger(__name__)
 
 
+def batch_size(batch: dict[str, Any]) -> int:
+    """Caption samples in a collated batch (its rows of token ids)."""
+    return int(batch["input_ids"].shape[0])
+
+
+class SampleThroughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor counting caption samples: logs ``train/device/samples_per_sec``
+    (this rank) and, on several ranks, ``train/samples_per_sec`` (all of them), averaged over the
+    last ``window_size`` steps with validation time left out; likewise ``validate/...``."""
+
+    def __init__(self, window_size: int = 10) -> None:
+        super().__init__(batch_size_fn=batch_size, window_size=window_size)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # The module has no FLOP count (MFU is `vgtrain bench`'s job); without this, the monitor
+        # warns on every run that a `flops_per_batch` attribute is missing.
+        self._module_has_flops = False
+
+
 class TrainingStats(L.Callback):
-    """Logs ``train/samples_per_s`` (all ranks together), ``gpu/max_memory_allocated_gb`` on a
-    GPU, ``data/skipped`` (cumulative, and by reason), the cross-attention gates
-    (``gates/layer_i``) and, once at the start, the trainable vs frozen parameter counts."""
+    """What ThroughputMonitor does not log: ``gpu/max_memory_allocated_gb`` on a GPU,
+    ``data/skipped`` (cumulative, and by reason), the cross-attention gates (``gates/layer_i``)
+    and, once at the start, the trainable vs frozen parameter counts."""
 
     def __init__(self, log_every_n_steps: int = 10) -> None:
         self.log_every_n_steps = log_every_n_steps
         self.skipped: Counter[str] = Counter()
-        self._window_start = 0.0
-        self._window_samples = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         params = list(pl_module.parameters())
@@ -34,7 +52,6 @@ class TrainingStats(L.Callback):
         rank_zero_info(f"parameters: {trainable:,} trainable, {frozen:,} frozen")
         for logger in trainer.loggers:
             logger.log_hyperparams({"params/trainable": trainable, "params/frozen": frozen})
-        self._window_start = time.perf_counter()
 
     def on_train_batch_end(
         self,
@@ -44,15 +61,10 @@ class TrainingStats(L.Callback):
         batch: dict[str, Any],
         batch_idx: int,
     ) -> None:
-        self._window_samples += int(batch["input_ids"].shape[0])
         self.skipped.update(batch.get("skipped", {}))
         if (trainer.global_step % self.log_every_n_steps) != 0:
             return
-        now = time.perf_counter()
-        elapsed = now - self._window_start
-        # Every rank takes the same number of samples per step: the global rate is this rank's x ranks.
-        rate = self._window_samples * trainer.world_size / elapsed if elapsed > 0 else 0.0
-        metrics = {"train/samples_per_s": rate}
+        metrics: dict[str, float] = {}
         if pl_module.device.type == "cuda":
             metrics["gpu/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
         metrics["data/skipped"] = float(sum(self.skipped.values()))
@@ -61,7 +73,6 @@ class TrainingStats(L.Callback):
         if xattn is not None:  # how far each cross-attention gate has opened
             metrics.update({f"gates/{layer}": value for layer, value in xattn.gates().items()})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-        self._window_start, self._window_samples = now, 0
 
     def on_validation_batch_end(
         self,
