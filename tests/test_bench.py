@@ -77,10 +77,10 @@ DECODE_ROW_TYPES: dict[str, type | tuple[type, ...]] = {
 
 # A path is a tuple of dict keys and row selectors; a selector (a dict) picks the one list element
 # whose fields equal it.
-Path_ = tuple[str | dict[str, Any], ...]
+JsonPath = tuple[str | dict[str, Any], ...]
 
 
-def lookup(result: dict[str, Any], path: Path_ | str) -> Any:
+def lookup(result: dict[str, Any], path: JsonPath | str) -> Any:
     node: Any = result
     for step in path.split(".") if isinstance(path, str) else path:
         if isinstance(step, dict):
@@ -93,12 +93,12 @@ def lookup(result: dict[str, Any], path: Path_ | str) -> Any:
     return node
 
 
-def ratio_table(result: dict[str, Any]) -> dict[Path_, tuple[Path_, Path_]]:
+def ratio_table(result: dict[str, Any]) -> dict[JsonPath, tuple[JsonPath, JsonPath]]:
     """Every derived ratio in bench.json today -> (numerator, denominator) it is computed from."""
     train, decode = result["train"], result["decode"]
     head = {k: train["headline"][k] for k in ("scale", "route", "dtype")}
     rows = ("train", "rows")
-    table: dict[Path_, tuple[Path_, Path_]] = {}
+    table: dict[JsonPath, tuple[JsonPath, JsonPath]] = {}
     for dtype in train["clipcap"]:  # ClipCap-sized model: ours vs the hand-written loop, cached vs images
         ours = (*rows, {**head, "dtype": dtype, "source": "cached", "runner": "vgtrain"})
         loop = (*rows, {**head, "dtype": dtype, "source": "cached", "runner": "loop"})
@@ -141,7 +141,7 @@ def ratio_table(result: dict[str, Any]) -> dict[Path_, tuple[Path_, Path_]]:
 
 
 # Headline figures that copy another figure of the same file (path -> its source).
-def copy_table(result: dict[str, Any]) -> dict[Path_, Path_]:
+def copy_table(result: dict[str, Any]) -> dict[JsonPath, JsonPath]:
     train, decode = result["train"], result["decode"]
     head = train["headline"]
     first = ("train", "clipcap", head["dtype"])
@@ -150,7 +150,7 @@ def copy_table(result: dict[str, Any]) -> dict[Path_, Path_]:
         "rows",
         {k: head[k] for k in ("scale", "route", "dtype")} | {"source": "cached", "runner": "vgtrain"},
     )
-    table: dict[Path_, Path_] = {
+    table: dict[JsonPath, JsonPath] = {
         ("train", key): (*first, key)
         for key in (
             "vgtrain_vs_loop",
