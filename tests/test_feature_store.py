@@ -203,7 +203,11 @@ def test_in_memory_cache_equals_the_tower_on_each_batch(shards):
             pixels = torch.stack([decode(raws[k])["image"] for k in chunk])
             batches.append(
                 (
-                    {"pixel_values": pixels, "captions": [reference[k][0].decode() for k in chunk], "keys": chunk},
+                    {
+                        "pixel_values": pixels,
+                        "captions": [reference[k][0].decode() for k in chunk],
+                        "keys": chunk,
+                    },
                     reference,
                 )
             )

@@ -29,6 +29,11 @@ class Limits:
     pad: int
 
 
+# Masks candidates out of a top-k. transformers adds -1e9, which a strongly negative length
+# penalty (log p / length**penalty grows like 16**20) outranks; -inf stays below every real score.
+NEVER = float("-inf")
+
+
 def _no_eos_yet(scores: torch.Tensor, step: int, limits: Limits) -> torch.Tensor:
     """transformers' MinNewTokensLengthLogitsProcessor: EOS is impossible before min_new_tokens."""
     if step < limits.min_new_tokens:
@@ -109,8 +114,8 @@ def beam_search(
     running = torch.full((batch, beams, length), limits.pad, dtype=torch.long, device=device)
     finished = running.clone()
     running_scores = torch.zeros(batch, beams, device=device)
-    running_scores[:, 1:] = -1e9  # all beams start as one hypothesis
-    finished_scores = torch.full((batch, beams), -1e9, device=device)
+    running_scores[:, 1:] = NEVER  # all beams start as one hypothesis
+    finished_scores = torch.full((batch, beams), NEVER, device=device)
     is_finished = torch.zeros(batch, beams, dtype=torch.bool, device=device)
     improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
     top_beams = torch.arange(keep, device=device) < beams
@@ -131,15 +136,14 @@ def beam_search(
         candidates[:, :, t] = top_index % vocab
         stops = (candidates[:, :, t] == limits.eos) | (t + 1 >= length)
         # Open beams for the next step: the best ``beams`` candidates that did not stop.
-        open_scores = top_scores + stops.float() * -1e9
+        open_scores = top_scores.masked_fill(stops, NEVER)
         chosen = open_scores.topk(beams).indices
         running, running_scores = gather(candidates, chosen), gather(open_scores, chosen)
         # Finished hypotheses: merge the candidates that just stopped among the top ``beams``.
         just_finished = stops & top_beams
         normalised = top_scores / ((t + 1) ** length_penalty)
         full = is_finished.all(-1, keepdim=True) & (early_stopping is True)
-        normalised = normalised + full.float() * -1e9 + (~improvable).float() * -1e9
-        normalised = normalised + (~just_finished).float() * -1e9
+        normalised = normalised.masked_fill(full | ~improvable | ~just_finished, NEVER)
         merged_scores = torch.cat((finished_scores, normalised), 1)
         best = merged_scores.topk(beams).indices
         finished = gather(torch.cat((finished, candidates), 1), best)
@@ -150,7 +154,7 @@ def beam_search(
         # The early-stopping heuristic of transformers' _check_early_stop_heuristic.
         hypothetical = length if early_stopping == "never" and length_penalty > 0 else t + 1
         best_running = running_scores[:, :1] / (hypothetical**length_penalty)
-        worst = torch.where(is_finished, finished_scores.min(1, keepdim=True).values, -1e9)
+        worst = torch.where(is_finished, finished_scores.min(1, keepdim=True).values, NEVER)
         improvable = improvable & (best_running > worst).any(-1, keepdim=True)
         if (t + 1) % check_every == 0:
             going = improvable.any() & ~(is_finished.all() & (early_stopping is True)) & ~stops.all()
