@@ -24,6 +24,7 @@ from vgtrain.config.paths import CONF_DIR
 from vgtrain.config.resolvers import register_resolvers
 from vgtrain.config.schema import TrainSchema, validate
 from vgtrain.data.collate import CaptionCollator
+from vgtrain.data.conversation import ConversationCollator, conversation_collator
 from vgtrain.data.pipeline import expand_urls
 from vgtrain.errors import (
     CheckpointMismatchError,
@@ -36,6 +37,7 @@ from vgtrain.errors import (
     oom_knobs,
 )
 from vgtrain.evaluation.heldout import evaluate_captions, format_examples
+from vgtrain.evaluation_vqa import evaluate_vqa_splits
 from vgtrain.files import atomic_write_text
 from vgtrain.training.checkpointing import resolve_resume
 from vgtrain.training.datamodule import CaptionDataModule
@@ -64,7 +66,17 @@ def build_module(cfg: DictConfig) -> CaptioningModule:
     )
 
 
-def build_collator(cfg: DictConfig, module: CaptioningModule) -> CaptionCollator:
+def build_collator(cfg: DictConfig, module: CaptioningModule) -> CaptionCollator | ConversationCollator:
+    if cfg.model.get("chat"):  # conversations (and captions as one-turn ones): answer-only loss
+        return conversation_collator(
+            module.model.llm.tokenizer,
+            module.model.prefix_length,
+            OmegaConf.to_container(cfg.model.chat, resolve=True),
+            prompt=cfg.model.prompt,
+            max_tokens=cfg.data.get("max_conversation_tokens", 128),
+            seed=cfg.seed,
+            caption_share=float((cfg.data.get("mix") or {}).get("caption", 0.0)),
+        )
     return CaptionCollator(
         module.model.llm.tokenizer,
         prefix_length=module.model.prefix_length,
@@ -98,6 +110,17 @@ def evaluate_after_fit(
 ) -> dict[str, float]:
     """Greedy-decodes the configured splits; returns flat metrics and prints example captions."""
     settings = cfg.evaluate
+    if isinstance(datamodule.collator, ConversationCollator):  # answers, scored by VQA accuracy
+        split_urls = {split: cfg.data.get(f"{split}_urls") for split in settings.splits}
+        return evaluate_vqa_splits(
+            module.model,
+            datamodule,
+            datamodule.collator.renderer,
+            split_urls,
+            settings.shuffled_control,
+            max_new_tokens=settings.max_new_tokens,
+            keep_examples=settings.num_examples,
+        )
     metrics: dict[str, float] = {}
     runs = [(split, split, False) for split in settings.splits]
     if settings.shuffled_control:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vgtrain.config.paths import CONF_DIR
 from vgtrain.config.resolvers import register_resolvers
+from vgtrain.data.shapes_vqa import write_shapes_vqa_dataset
 from vgtrain.data.synthetic import write_shapes_dataset
 from vgtrain.errors import ConfigError
 
@@ -42,7 +43,11 @@ def prepare_synthetic_data(cfg: DictConfig) -> None:
         raise ConfigError(
             f"data.synthetic needs a root folder to generate into; got {options} (or set data.synthetic=null)"
         )
-    manifest = write_shapes_dataset(Path(options.pop("root")), **options)
+    # `generator: vqa` writes questions and dialogues about the same scenes (data/shapes_vqa.py).
+    writer = (
+        write_shapes_vqa_dataset if options.pop("generator", "captions") == "vqa" else write_shapes_dataset
+    )
+    manifest = writer(Path(options.pop("root")), **options)
     with open_dict(cfg):
         for split, pattern in manifest["patterns"].items():
             if cfg.data.get(f"{split}_urls") is None:

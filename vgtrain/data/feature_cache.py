@@ -40,6 +40,7 @@ class CachedFeatures(Dataset):
         captions: list[str],
         keys: list[str],
         skipped: dict[str, int] | None = None,
+        conversations: list[list[Any]] | None = None,
     ) -> None:
         if not (len(tokens) == len(pooled) == len(captions) == len(keys)):
             raise ValueError("cached features, captions and keys differ in length")
@@ -48,17 +49,22 @@ class CachedFeatures(Dataset):
         self.pooled = pooled
         self.captions = captions
         self.keys = keys
+        # Per sample, its conversations (none: a caption sample); the collator draws one per visit.
+        self.conversations = conversations if conversations and any(conversations) else None
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {
+        item = {
             "tokens": self.tokens[index],
             "pooled": self.pooled[index],
             "caption": self.captions[index],
             "key": self.keys[index],
         }
+        if self.conversations is not None and self.conversations[index]:
+            item["conversations"] = self.conversations[index]
+        return item
 
 
 @torch.no_grad()
@@ -75,7 +81,7 @@ def compute_features(
     batches. Features come back as float32 on the CPU; the tower goes back to where it was."""
     home = next(vision.parameters()).device
     encoder = FeatureEncoder(vision, device, precision)
-    tokens, pooled, captions, keys = [], [], [], []
+    tokens, pooled, captions, keys, conversations = [], [], [], [], []
     skipped: Counter[str] = Counter()
     try:
         encoded = encode_overlapped(encoder, batches, lambda batch: batch["pixel_values"])
@@ -86,9 +92,10 @@ def compute_features(
                 pooled.append(batch_pooled)
                 captions.extend(batch["captions"])
                 keys.extend(batch["keys"])
+                conversations.extend(batch.get("conversations") or [[]] * len(batch["keys"]))
                 bar.update(len(batch["keys"]))
     finally:
         vision.to(home)
     if not captions:
         raise ValueError(f"{description}: no samples to cache")
-    return CachedFeatures(torch.cat(tokens), torch.cat(pooled), captions, keys, dict(skipped))
+    return CachedFeatures(torch.cat(tokens), torch.cat(pooled), captions, keys, dict(skipped), conversations)

@@ -22,6 +22,7 @@ import webdataset as wds
 from PIL import Image
 
 from vgtrain.data.collate import CaptionCollator
+from vgtrain.data.conversation import ConversationError, attach_conversations
 from vgtrain.errors import ConfigError, ShardNotFoundError
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,7 @@ class SampleDecoder:
         self.transform = transform
         self.counter = counter
         self.picker = CaptionPicker(caption_seed)
+        self.evaluation = caption_seed is None  # conversations: the first (else the collator draws)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         key = str(sample.get("__key__"))
@@ -180,9 +182,13 @@ class SampleDecoder:
         if image_ext is None:
             self.counter.skip("missing_image", where)
             return None
-        caption = sample_caption(sample, self.counter, where, self.picker)
-        if caption is None:
-            return None
+        conversational = b'"conversations"' in sample.get("json", b"")
+        if conversational and "txt" not in sample:
+            caption = ""  # a conversation-only sample (instruction data, VQA)
+        else:
+            caption = sample_caption(sample, self.counter, where, self.picker)
+            if caption is None:
+                return None
         try:
             with Image.open(io.BytesIO(sample[image_ext])) as image:
                 pixels = self.transform(image.convert("RGB"))
@@ -190,6 +196,12 @@ class SampleDecoder:
             self.counter.skip("bad_image", f"{where}: {error}")
             return None
         decoded = {"image": pixels, "caption": caption, "key": key}
+        if conversational:
+            try:
+                attach_conversations(decoded, sample["json"], pin_first=self.evaluation)
+            except ConversationError as error:
+                self.counter.skip("bad_conversation", f"{where}: {error}")
+                return None
         references = CaptionPicker.listed(sample)
         if len(references) > 1:  # every caption of the image: references for caption metrics
             decoded["references"] = references

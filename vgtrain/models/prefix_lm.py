@@ -94,15 +94,30 @@ class VisualPrefixLM(nn.Module):
         return self.vision.encode(pixel_values)
 
     def input_embeddings(
-        self, features: VisualFeatures, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        features: VisualFeatures,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[P; text]``, or with ``image_position`` ([B]: text tokens before the image, as a
+        conversation's ``<image>`` places it) ``[text[:pos]; P; text[pos:]]`` per row."""
         text = self.llm.embed(input_ids)
         if self.mapper is None:
             return text, attention_mask
         prefix = self.mapper(features)
         embeds = torch.cat([prefix.to(text.dtype), text], dim=1)
-        prefix_mask = attention_mask.new_ones(prefix.shape[:2])
-        return embeds, torch.cat([prefix_mask, attention_mask], dim=1)
+        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+        if image_position is None or not bool(image_position.any()):
+            return embeds, mask
+        # One gather moves the prefix to each row's place: output position j reads combined
+        # position K + j before the image, j - pos inside the prefix, j after it.
+        k = prefix.shape[1]
+        j = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0)
+        pos = image_position.to(embeds.device).unsqueeze(1)
+        index = torch.where(j < pos, j + k, torch.where(j < pos + k, j - pos, j))
+        embeds = embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        return embeds, mask.gather(1, index)
 
     def forward(
         self,
@@ -111,6 +126,7 @@ class VisualPrefixLM(nn.Module):
         labels: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         features: VisualFeatures | None = None,
+        image_position: torch.Tensor | None = None,
     ) -> PrefixLMOutput:
         expected = self.prefix_length + input_ids.shape[1]
         if labels.shape[1] != expected:
@@ -119,7 +135,7 @@ class VisualPrefixLM(nn.Module):
                 "the collator's prefix_length must equal the mapper's"
             )
         features = self.features(pixel_values, features)
-        embeds, mask = self.input_embeddings(features, input_ids, attention_mask)
+        embeds, mask = self.input_embeddings(features, input_ids, attention_mask, image_position)
         with self.visual_context(features):
             hidden = self.llm(embeds, mask).last_hidden_state
         # Position t predicts token t+1; apply the output head only where a target exists.

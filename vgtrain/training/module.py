@@ -56,6 +56,7 @@ class CaptioningModule(L.LightningModule):
             batch["labels"],
             pixel_values=batch.get("pixel_values"),
             features=features,
+            image_position=batch.get("image_position"),
         )
         batch_size = batch["input_ids"].shape[0]
         accuracy = out.num_correct.float() / out.num_tokens.clamp(min=1)
