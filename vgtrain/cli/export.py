@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     parser.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="LoRA-trained LLM: merge LoRA into its weights and bundle the merged LLM folder",
+    )
+    parser.add_argument(
         "--wandb-artifact",
         action="store_true",
         help="also log the export folder as a wandb `model` artifact (offline unless logged in)",
@@ -35,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(
-            args.checkpoint, args.out_dir, bundle_backbones=args.bundle_backbones, overwrite=args.overwrite
+            args.checkpoint,
+            args.out_dir,
+            bundle_backbones=args.bundle_backbones,
+            overwrite=args.overwrite,
+            merge_lora=args.merge_lora,
         )
     except (ArtifactError, BackboneError, OSError) as error:
         print(f"vgtrain export: error: {error}", file=sys.stderr)

@@ -63,6 +63,8 @@ def build_module(cfg: DictConfig) -> CaptioningModule:
         scheduler=container["scheduler"],
         prompt=container["prompt"],
         xattn=container.get("xattn"),
+        llm_adapter=container.get("llm_adapter"),
+        chat=container.get("chat"),
     )
 
 

@@ -44,6 +44,7 @@ from vgtrain.data.synthetic import (
 )
 
 FORMAT_VERSION = 1
+CORPUS_FILE = "corpus.txt"
 SPLITS: tuple[str, ...] = ("train", "val", "phrasing")
 QUESTION_TYPES: tuple[str, ...] = (
     "color",
@@ -240,20 +241,41 @@ def _yes(truth: bool) -> str:
     return "yes" if truth else "no"
 
 
+def _scenes(
+    split: str, count: int, image_size: int, seed: int, per_image: int, dialogue_share: float
+) -> Iterator[tuple[Scene, list[list[dict[str, str]]]]]:
+    """(scene, its conversations) for a split; one RNG stream per split, as the captioning data."""
+    rng = random.Random(f"vgtrain-shapes-vqa:{seed}:{split}")
+    maker = QuestionMaker(rng, heldout_phrasing=split == "phrasing")
+    for _ in range(count):
+        scene = sample_scene(rng, image_size, ALL_PAIRS)
+        yield scene, [maker.conversation(scene, rng.random() < dialogue_share) for _ in range(per_image)]
+
+
 def _split_samples(
     split: str, count: int, image_size: int, seed: int, per_image: int, dialogue_share: float
 ) -> Iterator[dict[str, Any]]:
-    rng = random.Random(f"vgtrain-shapes-vqa:{seed}:{split}")
-    maker = QuestionMaker(rng, heldout_phrasing=split == "phrasing")
-    for i in range(count):
-        scene = sample_scene(rng, image_size, ALL_PAIRS)
-        conversations = [maker.conversation(scene, rng.random() < dialogue_share) for _ in range(per_image)]
+    scenes = _scenes(split, count, image_size, seed, per_image, dialogue_share)
+    for i, (scene, conversations) in enumerate(scenes):
         yield {
             "__key__": f"{split}_{i:07d}",
             "png": _png_bytes(render(scene, image_size)),
             "txt": caption(scene),
             "json": json.dumps({**scene.to_dict(), "conversations": conversations}, sort_keys=True),
         }
+
+
+def write_corpus(path: Path, image_size: int, seed: int, dialogue_share: float) -> None:
+    """Text to learn the tiny tokenizer's merges from (``model.llm.tokenizer_corpus``): training
+    conversations in their natural word frequencies, plus every held-out phrasing once, so the
+    demo's questions are a few tokens each instead of one per byte."""
+    lines: list[str] = []
+    for scene, conversations in _scenes("corpus", 2000, image_size, seed, 2, dialogue_share):
+        lines.append(caption(scene))
+        lines.extend(turn["content"] for conversation in conversations for turn in conversation)
+    lines += [p for _, heldout in PHRASINGS.values() for p in heldout]
+    lines.append("Q: A:")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def write_shapes_vqa_dataset(
@@ -293,6 +315,7 @@ def write_shapes_vqa_dataset(
         and existing.get("options") == options
         and existing.get("patterns") == layout["patterns"]
         and all((out_dir / name).is_file() for names in layout["shards"].values() for name in names)
+        and (out_dir / CORPUS_FILE).is_file()
     ):
         return existing
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -310,6 +333,7 @@ def write_shapes_vqa_dataset(
         )
         for split in SPLITS
     }
+    write_corpus(out_dir / CORPUS_FILE, image_size, seed, dialogue_share)
     with tqdm(total=sum(counts.values()), desc="shapes VQA dataset", unit="img", disable=not progress) as bar:
         for split in SPLITS:
             chunks = _chunks(per_split[split](), samples_per_shard, counts[split], bar)
@@ -324,6 +348,7 @@ def write_shapes_vqa_dataset(
         "shards": layout["shards"],
         "question_types": list(QUESTION_TYPES),
         "num_shards": {split: math.ceil(n / samples_per_shard) for split, n in counts.items()},
+        "corpus": CORPUS_FILE,
     }
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

@@ -4,12 +4,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
 
+from vgtrain.decode.base import DecodeInputs, Decoding
+from vgtrain.decode.decoder import Result
+from vgtrain.decode.images import ImageError, image_name, open_image
+from vgtrain.decode.strategies import get_strategy
 from vgtrain.models.backbones.vision import VisualFeatures
-from vgtrain.models.chat_template import EncodedConversation, stop_token_ids
+from vgtrain.models.chat_template import ConversationRenderer, EncodedConversation, stop_token_ids
 from vgtrain.models.prefix_lm import VisualPrefixLM
 
 
@@ -58,3 +63,67 @@ def generate_answers(
             **options,
         )
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def renderer_for(decoder: Any) -> ConversationRenderer:
+    """The renderer an export was trained with (its ``chat`` block), else the LLM's own chat
+    template or the default plain one."""
+    config = dict(decoder.chat_config or {"template": "auto"})
+    return ConversationRenderer(
+        decoder.model.llm.tokenizer,
+        template=config.get("template", "auto"),
+        plain=config.get("plain"),
+        system=config.get("system"),
+        prefix_length=decoder.model.prefix_length,
+    )
+
+
+def chat(
+    decoder: Any,
+    images: Any,
+    messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+    strategy: str = "greedy",
+    **options: Any,
+) -> list[Result]:
+    """One :class:`Result` (the next assistant turn) per image. ``messages``: one conversation
+    (``{role, content}`` turns ending on a user turn) asked of every image, or one per image.
+    An unreadable image gets an error result naming its file, as in ``caption``."""
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    if messages and isinstance(messages[0], (list, tuple)):
+        conversations = [list(c) for c in messages]
+    else:
+        conversations = [list(messages)] * len(images)
+    if len(conversations) != len(images):
+        raise ValueError(f"got {len(conversations)} conversations for {len(images)} images")
+    get_strategy(strategy).resolve(options)
+    renderer = renderer_for(decoder)
+    encodings = [renderer.encode(c, add_generation_prompt=True) for c in conversations]
+    names = [image_name(image, i) for i, image in enumerate(images)]
+    results: list[Result | None] = [None] * len(images)
+    loaded: list[tuple[int, torch.Tensor]] = []
+    for index, image in enumerate(images):
+        try:
+            loaded.append((index, decoder.model.vision.transform(open_image(image))))
+        except ImageError as error:
+            results[index] = Result("", None, [], names[index], error=str(error))
+    if loaded:
+        with torch.no_grad():
+            features = decoder.model.vision.encode(torch.stack([p for _, p in loaded]).to(decoder.device))
+            embeds, mask = conversation_inputs(decoder.model, features, [encodings[i] for i, _ in loaded])
+        job = Decoding(
+            llm=decoder.model.llm,
+            inputs=DecodeInputs(embeds=embeds, attention_mask=mask, image_embeds=features.pooled),
+            clip=lambda: decoder.clip,
+            bind_memory=partial(decoder.bind_memory, features),
+        )
+        for (index, _), group in zip(loaded, get_strategy(strategy).decode(job, options), strict=True):
+            best = group[0]
+            results[index] = Result(
+                best.text,
+                best.score,
+                best.tokens,
+                names[index],
+                best.clip_score,
+                candidates=group if len(group) > 1 else [],
+            )
+    return [result for result in results if result is not None]

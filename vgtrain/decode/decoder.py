@@ -95,12 +95,16 @@ class VisualDecoder:
         vision_config = resolve_backbone_config(manifest, "vision", export_dir)
         llm_config = resolve_backbone_config(manifest, "llm", export_dir)
         model = build_model(
-            vision_config, llm_config, dict(manifest["mapper"] or {}), dict(manifest.get("xattn") or {})
+            vision_config,
+            llm_config,
+            dict(manifest["mapper"] or {}),
+            dict(manifest.get("xattn") or {}),
+            dict(manifest.get("llm_adapter") or {}),
         )
         _check_backbones(export_dir, manifest, model)
         model.llm.tokenizer = _load_tokenizer(export_dir, model)
         _load_trainable(export_dir, model, load_adapter(export_dir, manifest))
-        return cls(
+        decoder = cls(
             model,
             vision_config=vision_config,
             prompt=manifest.get("prompt", ""),
@@ -108,6 +112,17 @@ class VisualDecoder:
             or manifest.get("question_template", DEFAULT_QUESTION_TEMPLATE),
             device=device,
         )
+        decoder.chat_config = manifest.get("chat")  # conversation template trained with (or None)
+        return decoder
+
+    chat_config: dict[str, Any] | None = None
+
+    def chat(self, images: Any, messages: Any, strategy: str = "greedy", **options: Any) -> list[Result]:
+        """Answers the last user turn of ``messages`` (one conversation for every image, or one
+        per image) about each image; see :func:`vgtrain.decode.chat.chat`."""
+        from vgtrain.decode.chat import chat
+
+        return chat(self, images, messages, strategy, **options)
 
     @property
     def clip(self) -> ClipGuide:
@@ -195,6 +210,10 @@ class VisualDecoder:
         """One :class:`Result` per image, in order. An image that cannot be read gets an error
         result naming its file; the others are still captioned."""
         get_strategy(strategy).resolve(options)  # a bad option fails before any work
+        if question is not None and self.chat_config is not None:  # trained on conversations
+            questions = [question] * len(images) if isinstance(question, str) else list(question)
+            turns = [[{"role": "user", "content": q}] for q in questions]
+            return self.chat(images, turns, strategy, **options)
         names = [image_name(image, i) for i, image in enumerate(images)]
         prompts = self.prompts(len(images), question, prompt)
         results: list[Result | None] = [None] * len(images)

@@ -10,6 +10,7 @@ checkpoint as plain tensors (``weights_only=True``).
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,9 +33,10 @@ from vgtrain.export.artifact import (
     record_files,
     save_adapter,
 )
-from vgtrain.models import build_cross_attention
+from vgtrain.models import add_llm_adapter, build_cross_attention
 from vgtrain.models.backbones import BackboneError, build_llm, build_vision
 from vgtrain.models.backbones.registry import build_llm_tokenizer
+from vgtrain.models.lora import merge_lora
 from vgtrain.models.mapper import build_mapper
 
 
@@ -85,9 +87,13 @@ def expected_parameters(
             **mapper_options,
         )
     xattn = hparams.get("xattn") or {"name": "none"}
-    llm = build_llm(**hparams["llm"]) if hparams["llm"].get("trainable") or xattn["name"] != "none" else None
-    if llm is not None and hparams["llm"].get("trainable"):
-        parts["llm"] = llm
+    lora = (hparams.get("llm_adapter") or {"name": "none"}).get("name", "none") != "none"
+    trained_llm = bool(hparams["llm"].get("trainable")) or lora
+    llm = build_llm(**hparams["llm"]) if trained_llm or xattn["name"] != "none" else None
+    if llm is not None:
+        add_llm_adapter(llm, hparams.get("llm_adapter"))  # LoRA first, as build_model does
+    if llm is not None and trained_llm:
+        parts["llm"] = llm  # LoRA: only its tensors are trainable, hence expected
     if xattn["name"] != "none":
         vision_facts = SimpleNamespace(
             token_dim=facts["vision"]["token_dim"], num_tokens=facts["vision"]["num_tokens"]
@@ -172,8 +178,11 @@ def export_checkpoint(
     *,
     bundle_backbones: bool = False,
     overwrite: bool = False,
+    merge_lora: bool = False,
 ) -> Path:
-    """Writes the export artifact for ``checkpoint_path`` into ``out_dir``; returns ``out_dir``."""
+    """Writes the export artifact for ``checkpoint_path`` into ``out_dir``; returns ``out_dir``.
+    ``merge_lora``: fold a LoRA-trained LLM's LoRA into its weights and bundle that LLM folder
+    (the export then holds a whole LLM, and its adapter file no LoRA tensors)."""
     path, out = Path(checkpoint_path), Path(out_dir)
     checkpoint = read_checkpoint(path)
     hparams, facts = checkpoint["hyper_parameters"], checkpoint["vgtrain"]
@@ -191,6 +200,10 @@ def export_checkpoint(
     tokenizer = llm.tokenizer if llm is not None else build_llm_tokenizer(**hparams["llm"])
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # as LanguageModel does: EOS pads, masked out
+    merged_dir = tempfile.TemporaryDirectory(prefix="vgtrain-merged-llm-") if merge_lora else None
+    if merged_dir is not None:
+        checkpoint, tensors = merged_lora_checkpoint(path, checkpoint, tensors, llm, Path(merged_dir.name))
+        bundle_backbones = True  # the merged LLM exists nowhere else
     with atomic_directory(out, overwrite) as staging:
         save_adapter(staging / ADAPTER_FILE, tensors)
         tokenizer.save_pretrained(staging / TOKENIZER_DIR)
@@ -208,7 +221,41 @@ def export_checkpoint(
             json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
         )
         (staging / CARD_FILE).write_text(model_card(manifest, staging), encoding="utf-8")
+    if merged_dir is not None:
+        merged_dir.cleanup()
     return out
+
+
+def merged_lora_checkpoint(
+    path: Path,
+    checkpoint: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    llm: Any,
+    folder: Path,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Loads the LoRA tensors into ``llm``, merges them, saves the LLM to ``folder``, and returns
+    the checkpoint as if trained on that frozen LLM (path set, no LLM adapter) and the adapter
+    tensors without LoRA."""
+    hparams = checkpoint["hyper_parameters"]
+    if llm is None or (hparams.get("llm_adapter") or {}).get("name", "none") != "lora":
+        raise ExportError(f"{path}: --merge-lora needs a checkpoint trained with model/llm_adapter=lora")
+    lora = {key: value for key, value in tensors.items() if "lora_" in key}
+    with torch.no_grad():
+        for key, value in lora.items():
+            llm.get_parameter(key.removeprefix("llm.")).copy_(value)
+    merge_lora(llm.model)
+    llm.model.save_pretrained(folder, safe_serialization=True)
+    llm.tokenizer.save_pretrained(folder)
+    merged = {
+        **checkpoint,
+        "hyper_parameters": {
+            **hparams,
+            "llm": {**hparams["llm"], "path": str(folder)},
+            "llm_adapter": {"name": "none"},
+        },
+        "vgtrain": {**checkpoint["vgtrain"], "llm": {**llm.describe(), "source": str(folder)}},
+    }
+    return merged, {key: value for key, value in tensors.items() if key not in lora}
 
 
 def build_manifest(
@@ -239,6 +286,10 @@ def build_manifest(
         "backbones": backbones,
         "mapper": hparams["mapper"] or {"name": "none"},
         "xattn": hparams.get("xattn") or {"name": "none"},
+        # LoRA on the LLM: its tensors are in the adapter file, under llm.model.*.lora_*.
+        "llm_adapter": hparams.get("llm_adapter") or {"name": "none"},
+        # How conversations were rendered in training (null: captions only); chat and questions reuse it.
+        "chat": hparams.get("chat"),
         "prefix_length": int(prefix_length),
         "prompt": hparams.get("prompt", "") or "",
         "question_template": hparams.get("question_template", DEFAULT_QUESTION_TEMPLATE),
@@ -253,7 +304,8 @@ def build_manifest(
             "file": ADAPTER_FILE,
             "num_tensors": len(tensors),
             "num_parameters": sum(t.numel() for t in tensors.values()),
-            "includes_llm": any(key.startswith("llm.") for key in tensors),
+            "includes_llm": any(key.startswith("llm.") and "lora_" not in key for key in tensors),
+            "includes_lora": any("lora_" in key for key in tensors),
             "tied_aliases": aliases,
         },
         "training_config": {

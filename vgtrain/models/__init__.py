@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vgtrain.models.backbones import LanguageModel, VisionBackbone, build_llm, build_vision
+from vgtrain.models.lora import add_lora
 from vgtrain.models.mapper import build_mapper
 from vgtrain.models.prefix_lm import VisualPrefixLM
 from vgtrain.models.resampler import PerceiverResampler
@@ -16,13 +17,16 @@ def build_model(
     llm: dict[str, Any],
     mapper: dict[str, Any] | None,
     xattn: dict[str, Any] | None = None,
+    llm_adapter: dict[str, Any] | None = None,
 ) -> VisualPrefixLM:
     """Builds backbones from their registry names, then sizes the adapters from them.
 
-    ``mapper`` or ``xattn`` may be None (or ``{"name": "none"}``) to leave that route out.
+    ``mapper`` or ``xattn`` may be None (or ``{"name": "none"}``) to leave that route out;
+    ``llm_adapter`` (``{"name": "lora", rank, alpha, dropout, targets}``) adds LoRA to the LLM.
     """
     vision_backbone = build_vision(**vision)
     language_model = build_llm(**llm)
+    add_llm_adapter(language_model, llm_adapter)
     prefix_mapper = None
     if mapper and mapper.get("name", "none") != "none":
         mapper_options = dict(mapper)
@@ -38,6 +42,22 @@ def build_model(
     if xattn and xattn.get("name", "none") != "none":
         cross_attention, memory = build_cross_attention(xattn, vision_backbone, language_model)
     return VisualPrefixLM(vision_backbone, language_model, prefix_mapper, cross_attention, memory)
+
+
+def add_llm_adapter(llm: LanguageModel, options: dict[str, Any] | None) -> None:
+    """LoRA on the frozen LLM (before any cross-attention layer is inserted, so those stay whole)."""
+    if not options or options.get("name", "none") == "none":
+        return
+    options = dict(options)
+    name = options.pop("name")
+    if name != "lora":
+        raise ValueError(f"unknown LLM adapter {name!r}; registered: lora, none")
+    if llm.trainable:
+        raise ValueError(
+            "model.llm.trainable=true trains the whole LLM; LoRA (model/llm_adapter=lora) is for a frozen "
+            "one: set model.llm.trainable=false or model/llm_adapter=none"
+        )
+    add_lora(llm.model, **options)
 
 
 def build_cross_attention(
@@ -60,4 +80,4 @@ def build_cross_attention(
     return adapter, resampler
 
 
-__all__ = ["VisualPrefixLM", "build_cross_attention", "build_model"]
+__all__ = ["VisualPrefixLM", "add_llm_adapter", "build_cross_attention", "build_model"]

@@ -38,10 +38,12 @@ class CaptioningModule(L.LightningModule):
         scheduler: dict[str, Any],
         prompt: str = "",
         xattn: dict[str, Any] | None = None,
+        llm_adapter: dict[str, Any] | None = None,
+        chat: dict[str, Any] | None = None,  # conversation template (recorded for exports)
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
-        self.model: VisualPrefixLM = build_model(vision, llm, mapper, xattn)
+        self.model: VisualPrefixLM = build_model(vision, llm, mapper, xattn, llm_adapter)
         self.optimizer_factory = optimizer
         self.scheduler_options = scheduler
         self.prompt = prompt

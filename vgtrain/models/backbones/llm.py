@@ -10,6 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from vgtrain.errors import TokenizerError
 from vgtrain.models.backbones.frozen import FrozenModule
 from vgtrain.models.backbones.vision import weights_digest
+from vgtrain.models.lora import base_state
 
 
 class LanguageModel(FrozenModule):
@@ -76,5 +77,6 @@ class LanguageModel(FrozenModule):
             "model_class": type(self.model).__name__,
             "hidden_size": self.hidden_size,
             "vocab_size": self.vocab_size,
-            "weights_digest": weights_digest(self.model),
+            # Of the pretrained weights: LoRA layers (vgtrain.models.lora) are adapter, not backbone.
+            "weights_digest": weights_digest(base_state(self.model)),
         }

@@ -112,10 +112,11 @@ class VisionBackbone(FrozenModule):
         }
 
 
-def weights_digest(module: nn.Module) -> str:
-    """A short content digest of a module's tensors (names, shapes and values)."""
+def weights_digest(module: nn.Module | dict[str, torch.Tensor]) -> str:
+    """A short content digest of a module's tensors (or a state dict's): names, shapes, values."""
     digest = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
+    state = module if isinstance(module, dict) else module.state_dict()
+    for key, tensor in sorted(state.items()):
         digest.update(key.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
