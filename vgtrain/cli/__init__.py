@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "train an adapter (Hydra overrides follow, e.g. trainer.max_steps=50 model/mapper=mlp)",
     "export": "export a checkpoint's adapter: vgtrain export CKPT OUT_DIR [--bundle-backbones]",
     "caption": "caption images with an export: vgtrain caption --export DIR IMG... [--strategy beam]",
+    "chat": "talk about an image with an export (stdin/stdout): vgtrain chat --export DIR IMG",
     "shards": "image-text data -> WebDataset shards: vgtrain shards SOURCE --out DIR [--val-fraction 0.05]",
     "cache": "precompute frozen vision features beside the shards: vgtrain cache [--batch-size N] OVERRIDES",
     "eval": "score an export on a split (COCO metrics, CLIPScore): vgtrain eval export=DIR data.val_urls=...",
