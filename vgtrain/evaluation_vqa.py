@@ -206,3 +206,89 @@ def evaluate_vqa_splits(
     if results:
         print("\nVQA accuracy by question type (answers in parentheses)\n" + format_type_table(results))
     return {key: value for name, result in results.items() for key, value in result.metrics(name).items()}
+
+
+# -- `vgtrain eval task=vqa`: an export answers a split's questions ---------------------------
+
+
+def split_questions(key: str, conversations: list[list[dict[str, Any]]]) -> list[Question]:
+    """Every assistant turn of one image's conversations (``row`` unused: 0)."""
+    return questions_of({"keys": [key], "conversations": [conversations]})
+
+
+def answer_split(
+    decoder: Any,
+    samples: Iterable[tuple[str, Any, list[list[dict[str, Any]]]]],
+    *,
+    strategy: str = "greedy",
+    options: dict[str, Any] | None = None,
+    batch_size: int = 32,
+    keep_images: int = 24,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Answers every assistant turn of ``(key, PIL image, conversations)`` samples with the
+    export's decoder (``VisualDecoder.chat``: the training template). Returns one row per
+    answer (question, history, answer, references, type, score, exact_match) and, for the
+    report, the first ``keep_images`` answers with their image as a data URI."""
+    from vgtrain.report import image_data_uri
+
+    rows: list[dict[str, Any]] = []
+    examples: list[dict[str, Any]] = []
+    pending: list[tuple[Question, Any]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        results = decoder.chat(
+            [image for _, image in pending], [q.history for q, _ in pending], strategy, **(options or {})
+        )
+        for (question, image), result in zip(pending, results, strict=True):
+            row = {
+                **example(question, result.text),
+                "exact_match": exact_match(result.text, question.references[:1]),
+            }
+            rows.append(row)
+            if len(examples) < keep_images:
+                examples.append({**row, "image": image_data_uri(image)})
+        pending.clear()
+
+    for key, image, conversations in samples:
+        for question in split_questions(key, conversations):
+            pending.append((question, image))
+            if len(pending) >= batch_size:
+                flush()
+    flush()
+    if not rows:
+        raise ValueError("the split has no conversations to answer (no sample's .json has 'conversations')")
+    return rows, examples
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Overall VQA accuracy and exact match, and VQA accuracy per question type."""
+    by_type: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        by_type[row["type"]].append(row["score"])
+    metrics = {
+        "vqa_accuracy": sum(r["score"] for r in rows) / len(rows),
+        "exact_match": sum(r["exact_match"] for r in rows) / len(rows),
+        "num_questions": float(len(rows)),
+    }
+    metrics.update({f"vqa_accuracy/{kind}": sum(v) / len(v) for kind, v in sorted(by_type.items())})
+    return metrics
+
+
+def report_cards(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Answers as report cards: the image, the question (after the history) and the answer in
+    bold, the references below."""
+    cards = []
+    for item in examples:
+        before = " / ".join(f"{t['role']}: {t['content']}" for t in item["history"])
+        asked = f"[{before}] " if before else ""
+        cards.append(
+            {
+                "key": f"{item['key']} ({item['type']}, score {item['score']:.2f})",
+                "image": item["image"],
+                "prediction": f"{asked}Q: {item['question']} A: {item['answer']}",
+                "references": item["references"],
+            }
+        )
+    return cards

@@ -245,6 +245,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         decoder = VisualDecoder.from_export(cfg.export, device=cfg.device)
     except ArtifactError as error:
         raise ConfigError(f"export={cfg.export}: {error}") from None
+    if cfg.get("task", "caption") == "vqa":
+        return run_vqa(cfg, decoder, manifest, str(urls), out_dir, started)
     clip = clip_config(cfg, decoder.vision_config)
     scorer, clip_problem = build_clip_scorer(cfg, clip) if cfg.metrics.clipscore else (None, None)
     notes = {}
@@ -293,6 +295,57 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     print(f"\n{len(rows)} images, decode={cfg.decode.strategy}\n{table}")
     print(f"\nrun directory:\n{out_dir}\n(predictions.jsonl, metrics.json, report.html)")
     return metrics
+
+
+def run_vqa(
+    cfg: DictConfig, decoder: Any, manifest: dict[str, Any], urls: str, out_dir: Path, started: float
+) -> dict[str, Any]:
+    """task=vqa: answers every assistant turn of the split's conversations (library:
+    vgtrain/evaluation_vqa.py), scores VQA accuracy / exact match per question type."""
+    from vgtrain.data.conversation import read_conversation_split
+    from vgtrain.evaluation_vqa import answer_split, report_cards, summarize
+
+    counter = SkipCounter()
+    rows, examples = answer_split(
+        decoder,
+        read_conversation_split(urls, cfg.limit, counter),
+        strategy=cfg.decode.strategy,
+        options=dict(OmegaConf.to_container(cfg.decode.options, resolve=True)),
+        batch_size=cfg.batch_size,
+        keep_images=cfg.report.num_images,
+    )
+    metrics = summarize(rows)
+    details = {
+        "task": "vqa",
+        "export": str(Path(cfg.export).resolve()),
+        "data": urls,
+        "decode": {
+            "strategy": cfg.decode.strategy,
+            **OmegaConf.to_container(cfg.decode.options, resolve=True),
+        },
+        "skipped_samples": counter.take(),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "predictions.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    atomic_write_text(out_dir / "metrics.json", json.dumps({**metrics, **details}, indent=2) + "\n")
+    notes = {
+        "vqa_accuracy": "min(#matching references / 3, 1) over leave-one-out subsets; one reference: exact match"
+    }
+    page = render_report(
+        title=f"vgtrain eval (VQA): {Path(cfg.export).name}",
+        metrics=metrics,
+        notes=notes,
+        details=details,
+        history=training_history(
+            Path(cfg.report.training_log) if cfg.report.training_log else None, training_run_dir(manifest)
+        ),
+        examples=report_cards(examples),
+    )
+    atomic_write_text(out_dir / "report.html", page)
+    print(f"\n{len(rows)} answers, decode={cfg.decode.strategy}\n" + format_table(metrics, notes))
+    print(f"\nrun directory:\n{out_dir}\n(predictions.jsonl, metrics.json, report.html)")
+    return {**metrics, **details}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
