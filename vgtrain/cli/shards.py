@@ -9,12 +9,13 @@ from typing import Any
 
 from vgtrain.cli.shell import command_line
 from vgtrain.data.ingest.coco import read_coco, read_karpathy
+from vgtrain.data.ingest.conversations import read_llava, read_vqav2
 from vgtrain.data.ingest.images import ImageOptions
 from vgtrain.data.ingest.records import IngestError, Record, SkipLog
 from vgtrain.data.ingest.sources import detect_format, read_folder, read_img2dataset, read_table, table_in
 from vgtrain.data.ingest.writer import assign_splits, clean_interrupted, write_dataset
 
-FORMATS = ("auto", "folder", "table", "coco", "karpathy", "img2dataset")
+FORMATS = ("auto", "folder", "table", "coco", "karpathy", "img2dataset", "llava", "vqav2")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=Path,
         help="a folder of images + same-named .txt files; a folder with captions.csv/.tsv/.jsonl; a "
-        ".csv/.tsv/.jsonl file; COCO captions .json file(s); a Karpathy split .json; img2dataset output",
+        ".csv/.tsv/.jsonl file; COCO captions .json file(s); a Karpathy split .json; img2dataset output; "
+        "LLaVA-style instruction .json; VQAv2 questions .json + annotations .json (--format vqav2)",
     )
     p.add_argument("--out", "-o", type=Path, required=True, help="output folder for shards and manifest.json")
     p.add_argument("--format", choices=FORMATS, default="auto", help="source format (default: detected)")
@@ -76,8 +78,10 @@ def read_source(args: argparse.Namespace, log: SkipLog) -> tuple[list[Record], d
         if not path.exists():
             raise IngestError(f"{path}: no such file or folder")
     kind = detect_format(args.sources) if args.format == "auto" else args.format
-    if kind != "coco" and len(args.sources) > 1:
-        raise IngestError(f"several sources are accepted for COCO captions files only; {kind} takes one")
+    if kind not in ("coco", "vqav2") and len(args.sources) > 1:
+        raise IngestError(
+            f"several sources are accepted for COCO captions and VQAv2 files only; {kind} takes one"
+        )
     source = args.sources[0]
     roots = [root.resolve() for root in args.image_root]
     info: dict[str, Any] = {"kind": kind, "paths": [str(p.resolve()) for p in args.sources]}
@@ -99,10 +103,19 @@ def read_source(args: argparse.Namespace, log: SkipLog) -> tuple[list[Record], d
         info["karpathy"] = str(args.karpathy.resolve()) if args.karpathy else None
     elif kind == "karpathy":
         records = read_karpathy(source, roots, log)
+    elif kind == "llava":
+        records = read_llava(source, roots, log)
+    elif kind == "vqav2":
+        records = read_vqav2(args.sources, roots, log)
     else:
         records, extra = read_img2dataset(source, log, args.split_column)
         info.update(extra)
-    info["by_source_split"] = bool(args.split_column) or bool(args.karpathy) or kind == "karpathy"
+    info["by_source_split"] = (
+        bool(args.split_column)
+        or bool(args.karpathy)
+        or kind == "karpathy"
+        or (kind == "vqav2" and any(r.split for r in records))
+    )
     return records, info
 
 

@@ -299,8 +299,9 @@ def detect_format(sources: list[Path]) -> str:
         return "table"
     if suffix == ".json":
         from vgtrain.data.ingest.coco import json_kind
+        from vgtrain.data.ingest.conversations import conversation_kind
 
-        return json_kind(first)
+        return conversation_kind(first) or json_kind(first)
     raise IngestError(
         f"{first}: cannot tell its format (a folder, .csv/.tsv/.jsonl, a COCO/Karpathy .json); pass --format"
     )

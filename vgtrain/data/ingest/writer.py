@@ -144,9 +144,10 @@ def write_dataset(
                 "width": prepared.size[0],
                 "height": prepared.size[1],
             }
-            pending.append(
-                {"__key__": record.key, prepared.ext: prepared.data, "txt": record.captions[0], "json": meta}
-            )
+            sample = {"__key__": record.key, prepared.ext: prepared.data, "json": meta}
+            if record.captions:  # conversation-only records (instruction, VQA data) have no .txt
+                sample["txt"] = record.captions[0]
+            pending.append(sample)
             images[record.split] += 1
             captions[record.split] += len(record.captions)
         flush()
