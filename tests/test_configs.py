@@ -19,6 +19,7 @@ GROUPS = [
     "model/llm",
     "model/mapper",
     "model/xattn",
+    "model/llm_adapter",
     "data",
     "trainer",
     "callbacks",

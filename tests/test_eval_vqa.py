@@ -8,11 +8,11 @@ import torch
 
 from tests.conftest import run_vgtrain
 from tests.vqa_helpers import LORA, train_vqa, write_tiny_vqa
-from vgtrain.data.conversation import read_conversation_split
+from vgtrain.data.conversation_split import read_conversation_split
 from vgtrain.data.pipeline import SkipCounter
 from vgtrain.decode.chat import generate_answers
-from vgtrain.evaluation_vqa import split_questions
-from vgtrain.export import export_checkpoint
+from vgtrain.evaluation.vqa import split_questions
+from vgtrain.export.writer import export_checkpoint
 
 
 @pytest.fixture(scope="module")

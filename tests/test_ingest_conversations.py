@@ -4,8 +4,8 @@ import json
 
 from PIL import Image
 
-from vgtrain.data.conversation import read_conversation_split
-from vgtrain.data.ingest.cli import main as shards_main
+from vgtrain.cli.shards import main as shards_main
+from vgtrain.data.conversation_split import read_conversation_split
 from vgtrain.data.pipeline import SkipCounter
 
 

@@ -9,7 +9,7 @@ from tests.tiny_checkpoints import tiny_llama_folder
 from tests.vqa_helpers import LORA, train_vqa, write_tiny_vqa
 from vgtrain.decode import VisualDecoder
 from vgtrain.decode.chat import generate_answers, renderer_for
-from vgtrain.export import export_checkpoint
+from vgtrain.export.writer import export_checkpoint
 from vgtrain.models import build_model
 from vgtrain.models.lora import find_lora_targets
 

@@ -12,8 +12,8 @@ import torch
 
 from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION, quiet_trainer
 from vgtrain.data.conversation import conversation_collator
-from vgtrain.lit.datamodule import CaptionDataModule
-from vgtrain.lit.module import CaptioningModule
+from vgtrain.training.datamodule import CaptionDataModule
+from vgtrain.training.module import CaptioningModule
 
 LORA = {"name": "lora", "rank": 4, "alpha": 8, "dropout": 0.0, "targets": "attention"}
 PLAIN_CHAT = {"template": "plain", "plain": {"user": "Q: {content} A:", "assistant": " {content}"}}

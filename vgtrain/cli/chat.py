@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vgtrain.export.artifact import ArtifactError
 from vgtrain.decode.images import ImageError
+from vgtrain.export.artifact import ArtifactError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -301,9 +301,9 @@ def run_vqa(
     cfg: DictConfig, decoder: Any, manifest: dict[str, Any], urls: str, out_dir: Path, started: float
 ) -> dict[str, Any]:
     """task=vqa: answers every assistant turn of the split's conversations (library:
-    vgtrain/evaluation_vqa.py), scores VQA accuracy / exact match per question type."""
-    from vgtrain.data.conversation import read_conversation_split
-    from vgtrain.evaluation_vqa import answer_split, report_cards, summarize
+    vgtrain/evaluation/vqa.py), scores VQA accuracy / exact match per question type."""
+    from vgtrain.data.conversation_split import read_conversation_split
+    from vgtrain.evaluation.vqa import answer_split, report_cards, summarize
 
     counter = SkipCounter()
     rows, examples = answer_split(

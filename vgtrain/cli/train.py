@@ -37,7 +37,7 @@ from vgtrain.errors import (
     oom_knobs,
 )
 from vgtrain.evaluation.heldout import evaluate_captions, format_examples
-from vgtrain.evaluation_vqa import evaluate_vqa_splits
+from vgtrain.evaluation.vqa import evaluate_vqa_splits
 from vgtrain.files import atomic_write_text
 from vgtrain.training.checkpointing import resolve_resume
 from vgtrain.training.datamodule import CaptionDataModule

@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vgtrain.data.shards import atomic_write_text, write_shard
+from vgtrain.data.shards import write_shard
 from vgtrain.data.synthetic import (
     ALL_PAIRS,
     COLORS,
@@ -42,6 +42,7 @@ from vgtrain.data.synthetic import (
     render,
     sample_scene,
 )
+from vgtrain.files import atomic_write_text
 
 FORMAT_VERSION = 1
 CORPUS_FILE = "corpus.txt"

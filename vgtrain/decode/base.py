@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -42,6 +42,30 @@ class Candidate:
     text: str
     score: float  # log p(tokens, then EOS if generated | image, prompt)
     clip_score: float | None = None  # CLIP logit of (image, text), when re-ranked
+
+
+@dataclass
+class Result:
+    """One image's outcome: the best candidate, or ``error`` (naming the file) and empty text."""
+
+    text: str
+    score: float | None
+    tokens: list[int]
+    image: str = ""
+    clip_score: float | None = None
+    error: str | None = None
+    candidates: list[Candidate] = field(default_factory=list)  # all returned sequences, best first
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "caption": self.text,
+            **{k: v for k, v in asdict(self).items() if k not in ("image", "text")},
+        }
 
 
 COMMON_OPTIONS: dict[str, Any] = {"max_new_tokens": 24, "min_new_tokens": 0}

@@ -9,8 +9,7 @@ from typing import Any
 
 import torch
 
-from vgtrain.decode.base import DecodeInputs, Decoding
-from vgtrain.decode.decoder import Result
+from vgtrain.decode.base import DecodeInputs, Decoding, Result
 from vgtrain.decode.images import ImageError, image_name, open_image
 from vgtrain.decode.strategies import get_strategy
 from vgtrain.models.backbones.vision import VisualFeatures

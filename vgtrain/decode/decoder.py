@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vgtrain.decode.base import Candidate, DecodeInputs, Decoding
+from vgtrain.decode.base import Candidate, DecodeInputs, Decoding, Result
 from vgtrain.decode.clip_guidance import ClipGuide
 from vgtrain.decode.images import ImageError, image_name, open_image
 from vgtrain.decode.strategies import get_strategy
@@ -37,30 +36,6 @@ CHECKED_FACTS = {
     "vision": ("name", "token_dim", "embed_dim", "num_tokens", "image_size", "weights_digest"),
     "llm": ("name", "hidden_size", "vocab_size", "weights_digest"),
 }
-
-
-@dataclass
-class Result:
-    """One image's outcome: the best candidate, or ``error`` (naming the file) and empty text."""
-
-    text: str
-    score: float | None
-    tokens: list[int]
-    image: str = ""
-    clip_score: float | None = None
-    error: str | None = None
-    candidates: list[Candidate] = field(default_factory=list)  # all returned sequences, best first
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "image": self.image,
-            "caption": self.text,
-            **{k: v for k, v in asdict(self).items() if k not in ("image", "text")},
-        }
 
 
 class VisualDecoder:

@@ -229,7 +229,7 @@ def answer_split(
     export's decoder (``VisualDecoder.chat``: the training template). Returns one row per
     answer (question, history, answer, references, type, score, exact_match) and, for the
     report, the first ``keep_images`` answers with their image as a data URI."""
-    from vgtrain.report import image_data_uri
+    from vgtrain.evaluation.report import image_data_uri
 
     rows: list[dict[str, Any]] = []
     examples: list[dict[str, Any]] = []
