@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from vgtrain.data.feature_encoder import FeatureEncoder, encode_overlapped
-from vgtrain.data.pipeline import CaptionPicker, SampleDecoder, SkipCounter, sample_caption
+from vgtrain.data.pipeline import CaptionPicker, SampleDecoder, SkipCounter, sample_text
 from vgtrain.data.shards import write_shard
 from vgtrain.errors import UserError
 from vgtrain.files import atomic_write_text
@@ -153,15 +153,15 @@ class CachedSampleDecoder:
         if "tokens.npy" not in sample or "pooled.npy" not in sample:
             self.counter.skip("missing_features", where)
             return None
-        caption = sample_caption(sample, self.counter, where, self.picker)
-        if caption is None:
+        text = sample_text(sample, self.counter, where, self.picker)  # caption (and conversations)
+        if text is None:
             return None
         try:
             tokens, pooled = _array(sample["tokens.npy"]), _array(sample["pooled.npy"])
         except (ValueError, OSError) as error:
             self.counter.skip("bad_features", f"{where}: {error}")
             return None
-        return {"tokens": tokens, "pooled": pooled, "caption": caption, "key": key}
+        return {"tokens": tokens, "pooled": pooled, "key": key, **text}
 
 
 def cached_decoder(caption_seed: int | None) -> Callable[[SkipCounter], CachedSampleDecoder]:

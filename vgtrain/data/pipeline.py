@@ -161,6 +161,29 @@ def sample_caption(
     return picker(sample, caption) if picker is not None else caption
 
 
+def sample_text(
+    sample: dict[str, Any], counter: SkipCounter, where: str, picker: CaptionPicker
+) -> dict[str, Any] | None:
+    """``{"caption"}`` and, for a sample whose ``.json`` has ``conversations``, those too (see
+    vgtrain/data/conversation.py; evaluation pins the first, training leaves the draw to the
+    collator); None when unusable (counted). A conversation-only sample needs no caption."""
+    conversational = b'"conversations"' in sample.get("json", b"")
+    if conversational and "txt" not in sample:
+        caption: str | None = ""  # instruction or VQA data
+    else:
+        caption = sample_caption(sample, counter, where, picker)
+        if caption is None:
+            return None
+    text: dict[str, Any] = {"caption": caption}
+    if conversational:
+        try:
+            attach_conversations(text, sample["json"], pin_first=picker.seed is None)
+        except ConversationError as error:
+            counter.skip("bad_conversation", f"{where}: {error}")
+            return None
+    return text
+
+
 class SampleDecoder:
     """Raw tar sample -> {"image": tensor, "caption": str, "key": str}, or None (skipped, counted)."""
 
@@ -173,7 +196,6 @@ class SampleDecoder:
         self.transform = transform
         self.counter = counter
         self.picker = CaptionPicker(caption_seed)
-        self.evaluation = caption_seed is None  # conversations: the first (else the collator draws)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         key = str(sample.get("__key__"))
@@ -182,26 +204,16 @@ class SampleDecoder:
         if image_ext is None:
             self.counter.skip("missing_image", where)
             return None
-        conversational = b'"conversations"' in sample.get("json", b"")
-        if conversational and "txt" not in sample:
-            caption = ""  # a conversation-only sample (instruction data, VQA)
-        else:
-            caption = sample_caption(sample, self.counter, where, self.picker)
-            if caption is None:
-                return None
+        text = sample_text(sample, self.counter, where, self.picker)
+        if text is None:
+            return None
         try:
             with Image.open(io.BytesIO(sample[image_ext])) as image:
                 pixels = self.transform(image.convert("RGB"))
         except Exception as error:  # PIL raises many types for corrupt data
             self.counter.skip("bad_image", f"{where}: {error}")
             return None
-        decoded = {"image": pixels, "caption": caption, "key": key}
-        if conversational:
-            try:
-                attach_conversations(decoded, sample["json"], pin_first=self.evaluation)
-            except ConversationError as error:
-                self.counter.skip("bad_conversation", f"{where}: {error}")
-                return None
+        decoded = {"image": pixels, "key": key, **text}
         references = CaptionPicker.listed(sample)
         if len(references) > 1:  # every caption of the image: references for caption metrics
             decoded["references"] = references

@@ -49,6 +49,7 @@ class VisualDecoder:
         prompt: str = "",
         question_template: str = DEFAULT_QUESTION_TEMPLATE,
         device: str | torch.device = "cpu",
+        chat_config: dict[str, Any] | None = None,
     ) -> None:
         if "{q}" not in question_template:
             raise ValueError(f"question template {question_template!r} has no '{{q}}' for the question")
@@ -57,6 +58,8 @@ class VisualDecoder:
         self.prompt = prompt
         self.question_template = question_template
         self.device = torch.device(device)
+        # The conversation template trained with (`model.chat`; None: captions only), for chat().
+        self.chat_config = chat_config
         self._clip: ClipGuide | None = None
 
     @classmethod
@@ -79,18 +82,15 @@ class VisualDecoder:
         _check_backbones(export_dir, manifest, model)
         model.llm.tokenizer = _load_tokenizer(export_dir, model)
         _load_trainable(export_dir, model, load_adapter(export_dir, manifest))
-        decoder = cls(
+        return cls(
             model,
             vision_config=vision_config,
             prompt=manifest.get("prompt", ""),
             question_template=question_template
             or manifest.get("question_template", DEFAULT_QUESTION_TEMPLATE),
             device=device,
+            chat_config=manifest.get("chat"),
         )
-        decoder.chat_config = manifest.get("chat")  # conversation template trained with (or None)
-        return decoder
-
-    chat_config: dict[str, Any] | None = None
 
     def chat(self, images: Any, messages: Any, strategy: str = "greedy", **options: Any) -> list[Result]:
         """Answers the last user turn of ``messages`` (one conversation for every image, or one
