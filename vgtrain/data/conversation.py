@@ -86,9 +86,7 @@ class ConversationPicker:
         if self.seed is None:
             return conversations[0]
         if self._rng is None:
-            import torch.utils.data
-
-            info = torch.utils.data.get_worker_info()
+            info = torch.utils.data.get_worker_info()  # one stream per DataLoader worker
             self._rng = random.Random(f"{self.seed}:{info.id if info else -1}")
         if has_caption and self.caption_share > 0 and self._rng.random() < self.caption_share:
             return None

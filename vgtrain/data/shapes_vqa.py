@@ -28,8 +28,6 @@ from vgtrain.data.synthetic import (
     ALL_PAIRS,
     COLORS,
     HORIZONTAL,
-    SHAPES,
-    SIZES,
     VERTICAL,
     Scene,
     Shape,
@@ -353,6 +351,3 @@ def write_shapes_vqa_dataset(
     }
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
-
-
-__all__ = ["QUESTION_TYPES", "PHRASINGS", "QuestionMaker", "write_shapes_vqa_dataset", "SHAPES", "SIZES"]

@@ -1,0 +1,51 @@
+"""The VQA demo data: answers follow from the scene, follow-ups need the history, phrasings split."""
+
+import re
+
+from vgtrain.data.shapes_vqa import PHRASINGS, QUESTION_TYPES, _scenes
+from vgtrain.data.synthetic import COLORS, SHAPES, SIZES
+
+COLOR = "(?:" + "|".join(COLORS) + ")"
+SHAPE = "(?:" + "|".join(SHAPES) + ")"
+REF = f"the (?:(?:left|right|{COLOR}) )?(?:{SHAPE}|object|shape)"
+FIELDS = {"ref": REF, "other": REF, "color": COLOR, "shape": SHAPE}
+
+
+def _pattern(template):
+    """The questions a template can produce (each field: the words it can be filled with)."""
+    parts = re.split(r"\{(\w+)\}", template)
+    regex = "".join(FIELDS[part] if i % 2 else re.escape(part) for i, part in enumerate(parts))
+    return re.compile(f"^{regex}$")
+
+
+TRAIN = [_pattern(t) for train, _ in PHRASINGS.values() for t in train]
+HELDOUT = [_pattern(t) for _, heldout in PHRASINGS.values() for t in heldout]
+
+
+def test_answers_follow_from_the_scene_and_phrasings_are_split():
+    seen = set()
+    for split, patterns, others in (("train", TRAIN, HELDOUT), ("phrasing", HELDOUT, TRAIN)):
+        for scene, conversations in _scenes(split, 300, 64, 0, 4, 0.3):
+            colors = [s.color for s in scene.shapes]
+            for conversation in conversations:
+                for question, answer in zip(conversation[::2], conversation[1::2], strict=True):
+                    text, kind = question["content"], answer["type"]
+                    seen.add(kind)
+                    assert any(p.match(text) for p in patterns) and not any(p.match(text) for p in others)
+                    if kind == "color":
+                        assert answer["content"] in colors
+                    elif kind == "shape":
+                        assert answer["content"] in {s.shape for s in scene.shapes} <= set(SHAPES)
+                    elif kind == "size":
+                        assert answer["content"] in SIZES
+                    elif kind == "count" and "shapes are there" in text and len(text.split()) == 5:
+                        assert answer["content"] == str(len(scene.shapes))
+                    elif kind == "count":
+                        color = next((c for c in COLORS if c in text), None)
+                        if color:
+                            assert answer["content"] == str(colors.count(color))
+                    elif kind == "yes_no":
+                        assert answer["content"] in ("yes", "no")
+                    elif kind == "followup":
+                        assert " it" in text  # only the first turn says which object
+    assert seen == set(QUESTION_TYPES)
