@@ -114,6 +114,7 @@ def chat(
             inputs=DecodeInputs(embeds=embeds, attention_mask=mask, image_embeds=features.pooled),
             clip=lambda: decoder.clip,
             bind_memory=partial(decoder.bind_memory, features),
+            xattn=decoder.model.xattn,
         )
         for (index, _), group in zip(loaded, get_strategy(strategy).decode(job, options), strict=True):
             best = group[0]
