@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from vgtrain.models.prefix_lm import prompt_token_ids
+from vgtrain.models.prefix_lm import caption_positions, prompt_token_ids
 
 IGNORE_INDEX = -100
 
@@ -50,10 +50,15 @@ class CaptionCollator:
             attention_mask[row, : len(seq)] = 1
             caption_part = seq[len(self.prompt_ids) :]
             labels[row, start : start + len(caption_part)] = torch.tensor(caption_part)
+        # The caption positions as index tensors, computed here on the CPU so that the training
+        # step picks them out with no boolean-mask indexing (no host sync on an accelerator).
+        loss_index, loss_targets = caption_positions(labels)
         batch: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
+            "loss_index": loss_index,
+            "loss_targets": loss_targets,
             "captions": captions,
             "keys": [sample.get("key") for sample in samples],
         }

@@ -8,16 +8,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from vgtrain.models.backbones.llm import LanguageModel
 from vgtrain.models.backbones.vision import VisionBackbone, VisualFeatures
+from vgtrain.models.lm_loss import IGNORE_INDEX, caption_loss, caption_positions
 from vgtrain.models.mapper import Mapper
 from vgtrain.models.xattn import CrossAttentionAdapter
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "PrefixLMOutput", "VisualPrefixLM", "caption_positions", "prompt_token_ids"]
 
 
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, prefix_length: int) -> list[int]:
@@ -35,7 +35,8 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, prefix_len
 class PrefixLMOutput:
     loss: torch.Tensor  # mean cross-entropy over caption tokens
     num_tokens: torch.Tensor  # caption tokens that carried loss
-    num_correct: torch.Tensor  # of those, how many the argmax predicted (teacher forcing)
+    # of those, how many the argmax predicted (teacher forcing); None when not asked for
+    num_correct: torch.Tensor | None
 
 
 class VisualPrefixLM(nn.Module):
@@ -66,6 +67,7 @@ class VisualPrefixLM(nn.Module):
         self.mapper = mapper
         self.xattn = xattn
         self.memory = memory  # features -> cross-attention memory; None: the patch tokens as they are
+        self.lm_loss = "auto"  # head + cross-entropy implementation (see models/lm_loss.py)
 
     @property
     def prefix_length(self) -> int:
@@ -108,9 +110,9 @@ class VisualPrefixLM(nn.Module):
         prefix = self.mapper(features)
         embeds = torch.cat([prefix.to(text.dtype), text], dim=1)
         mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
-        if image_position is None or not bool(image_position.any()):
+        if image_position is None:
             return embeds, mask
-        # One gather moves the prefix to each row's place: output position j reads combined
+        # One gather (the identity where the image comes first; no host read to find out) moves the prefix to each row's place: output position j reads combined
         # position K + j before the image, j - pos inside the prefix, j after it.
         k = prefix.shape[1]
         j = torch.arange(embeds.shape[1], device=embeds.device).unsqueeze(0)
@@ -127,29 +129,41 @@ class VisualPrefixLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         features: VisualFeatures | None = None,
         image_position: torch.Tensor | None = None,
+        loss_index: torch.Tensor | None = None,
+        loss_targets: torch.Tensor | None = None,
+        with_accuracy: bool = True,
     ) -> PrefixLMOutput:
+        """``loss_index``/``loss_targets``: the caption positions as the collator precomputed
+        them (:func:`caption_positions`); derived from ``labels`` when absent, which reads the
+        labels' values (a host sync on an accelerator)."""
         expected = self.prefix_length + input_ids.shape[1]
         if labels.shape[1] != expected:
             raise ValueError(
                 f"labels cover {labels.shape[1]} positions but prefix + text is {expected}; "
                 "the collator's prefix_length must equal the mapper's"
             )
+        if loss_index is None or loss_targets is None:
+            loss_index, loss_targets = caption_positions(labels)
         features = self.features(pixel_values, features)
         embeds, mask = self.input_embeddings(features, input_ids, attention_mask, image_position)
+        # The layout pads on the right, so a causal mask alone keeps every real position from
+        # seeing padding; padded positions carry no loss. A ready 4D causal mask spares
+        # transformers building one from the padding mask, which reads it back to the host.
+        causal = self.llm.causal_mask(embeds.shape[1], embeds.device, embeds.dtype)
         with self.visual_context(features):
-            hidden = self.llm(embeds, mask).last_hidden_state
-        # Position t predicts token t+1; apply the output head only where a target exists.
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = self.llm.logits(hidden[:, :-1][keep])
-        target_ids = targets[keep]
-        loss = F.cross_entropy(logits.float(), target_ids)
-        # "argmax == target" as "the target's logit is the largest": a max reduction is ~10x
-        # cheaper than argmax on CPU, which with a 50k vocabulary was ~2% of a GPT-2-small step.
-        logits = logits.detach()
-        target_logit = logits.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
-        num_correct = (target_logit >= logits.amax(-1)).sum()
-        return PrefixLMOutput(loss=loss, num_tokens=keep.sum(), num_correct=num_correct)
+            hidden = self.llm(embeds, causal if causal is not None else mask).last_hidden_state
+        head = self.llm.model.get_output_embeddings()
+        result = caption_loss(
+            hidden,
+            loss_index,
+            loss_targets,
+            head.weight,
+            getattr(head, "bias", None),
+            implementation=self.lm_loss,
+            with_accuracy=with_accuracy,
+        )
+        num_tokens = torch.tensor(loss_index.shape[0], device=hidden.device)  # a known size: no sync
+        return PrefixLMOutput(loss=result.loss, num_tokens=num_tokens, num_correct=result.num_correct)
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(name, p) for name, p in self.named_parameters() if p.requires_grad]

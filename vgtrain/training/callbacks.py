@@ -100,10 +100,17 @@ class NonFiniteGuard(L.Callback):
     """Skips optimizer steps whose loss or gradients are not finite, and counts them.
 
     The loss is checked before backward and the gradients just before the optimizer step (after
-    any unscaling, before clipping). A bad step has its gradients set to None, which makes the
-    optimizer leave parameters and moments untouched; the schedule still advances, like for any
-    step. ``train/skipped_nonfinite`` is the running count. More than ``max_consecutive`` bad
-    steps in a row raise :class:`~vgtrain.errors.NonFiniteError` naming the step and batch keys.
+    any unscaling, before clipping). A skipped step leaves parameters and optimizer moments
+    untouched; the schedule still advances, like for any step. ``train/skipped_nonfinite`` is
+    the running count. More than ``max_consecutive`` bad steps in a row raise
+    :class:`~vgtrain.errors.NonFiniteError` naming the step and batch keys.
+
+    With a fused optimizer (``speed.fused_optimizer``, the default) everything is decided on the
+    device: the skip is the optimizer's ``found_inf`` flag (the kernel leaves the step out) and
+    the guard reads its flags back only every ``trainer.log_every_n_steps`` steps, at a
+    checkpoint and at the end, so a run that must stop stops at that next read, naming the step
+    where it went wrong. Other optimizers, sharded strategies and fp16 loss scaling read the flag
+    at every step and drop the gradients instead.
     """
 
     def __init__(self, max_consecutive: int = 5) -> None:
@@ -112,7 +119,9 @@ class NonFiniteGuard(L.Callback):
         self.consecutive = 0
         self._loss_ok: torch.Tensor | None = None  # on device: read once per step, not per micro-batch
         self._keys: list[str] = []  # of the micro-batches accumulated into the coming step
-        self._gradient_norm: float | None = None  # of this step's good gradients, for clipping
+        self._gradient_norm: torch.Tensor | float | None = None  # of this step's gradients, for clipping
+        # Steps decided on the device and not read yet: (step, bad flag on device, batch keys).
+        self._pending: list[tuple[int, torch.Tensor, list[str]]] = []
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
@@ -136,10 +145,19 @@ class NonFiniteGuard(L.Callback):
         checks = [torch.isfinite(norm)] if norm is not None else []
         if self._loss_ok is not None:
             checks.append(self._loss_ok.to(checks[0].device) if checks else self._loss_ok)
+        keys, self._keys, self._loss_ok = self._keys, [], None
+        if norm is not None and on_device(trainer, optimizer):
+            bad = (~torch.stack(checks).all()).float()  # a 0-dim tensor, as the step counts are
+            if trainer.world_size > 1:  # gradients agree across ranks; the loss check is per rank
+                torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+            optimizer.found_inf = bad  # the fused kernel skips the whole update when it is 1
+            optimizer.grad_scale = None  # clipping (configure_gradient_clipping) may set it
+            self._gradient_norm = norm
+            self._pending.append((trainer.global_step, bad, keys))
+            return
         finite = bool(torch.stack(checks).all()) if checks else True  # one device sync per step
         # Gradients are already all-reduced; the loss check is per rank, so agree on it.
         bad = trainer.strategy.reduce_boolean_decision(not finite, all=False)
-        keys, self._keys, self._loss_ok = self._keys, [], None
         if not bad:
             self.consecutive = 0
             # Known after the sync above; norm clipping reuses it instead of reading every gradient
@@ -149,35 +167,68 @@ class NonFiniteGuard(L.Callback):
                 self._gradient_norm = float(norm)
             return
         optimizer.zero_grad(set_to_none=True)
+        self._count_bad_step(trainer.global_step, keys, trainer.global_step)
+
+    def _count_bad_step(self, step: int, keys: list[str], now: int | None) -> None:
         self.skipped += 1
         self.consecutive += 1
         shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
         if self.consecutive > self.max_consecutive:
+            noticed = f" (read at step {now})" if now is not None and now != step else ""
             raise NonFiniteError(
-                f"stopping at step {trainer.global_step}: {self.consecutive} consecutive steps with a non-finite "
-                f"loss or gradient (more than train.max_consecutive_nonfinite={self.max_consecutive}); "
+                f"stopping at step {step}: {self.consecutive} consecutive steps with a non-finite "
+                f"loss or gradient (more than train.max_consecutive_nonfinite={self.max_consecutive}){noticed}; "
                 f"last batch keys: {shown or 'unknown'}"
             )
         log.warning(
             "step %d: non-finite loss or gradient, optimizer step skipped (batch keys: %s)",
-            trainer.global_step,
+            step,
             shown or "unknown",
         )
 
-    def take_gradient_norm(self) -> float | None:
-        """The total gradient norm measured for the coming optimizer step (once), or None."""
+    def read_flags(self, now: int | None = None) -> None:
+        """Reads the device-decided steps back (one sync for all of them) and counts them."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        flags = torch.stack([flag for _, flag, _ in pending]).tolist()
+        for (step, _, keys), flag in zip(pending, flags, strict=True):
+            if flag:
+                self._count_bad_step(step, keys, now)
+            else:
+                self.consecutive = 0
+
+    def take_gradient_norm(self) -> torch.Tensor | float | None:
+        """The total gradient norm measured for the coming optimizer step (once), or None: a
+        device tensor when the step is decided on the device, else a float."""
         norm, self._gradient_norm = self._gradient_norm, None
         return norm
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step % trainer.log_every_n_steps == 0 or self.consecutive:
+        last = trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps
+        if trainer._logger_connector.should_update_logs or last or self.consecutive:
+            self.read_flags(trainer.global_step)
             pl_module.log("train/skipped_nonfinite", float(self.skipped), on_step=True, on_epoch=False)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.read_flags(trainer.global_step)
+
     def state_dict(self) -> dict[str, int]:
+        self.read_flags()  # a checkpoint holds the counts of every step it covers
         return {"skipped": self.skipped, "consecutive": self.consecutive}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
         self.consecutive = int(state_dict.get("consecutive", 0))
+
+
+def on_device(trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a step can be skipped and clipped on the device: a fused optimizer (it honours
+    ``found_inf`` and ``grad_scale``), whole gradients on every rank (one process or DDP) and no
+    fp16 loss scaler (which sets those two itself)."""
+    fused = bool(optimizer.defaults.get("fused"))
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    strategy = type(trainer.strategy).__name__
+    return fused and scaler is None and strategy in ("SingleDeviceStrategy", "DDPStrategy")

@@ -16,6 +16,7 @@ from vgtrain.models import VisualPrefixLM, build_model
 from vgtrain.models.backbones.vision import VisualFeatures
 from vgtrain.models.prefix_lm import PrefixLMOutput
 from vgtrain.training.callbacks import NonFiniteGuard
+from vgtrain.training.speed import SpeedSettings, apply_at_fit_start, apply_to_model, optimizer_options
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -40,6 +41,7 @@ class CaptioningModule(L.LightningModule):
         xattn: dict[str, Any] | None = None,
         llm_adapter: dict[str, Any] | None = None,
         chat: dict[str, Any] | None = None,  # conversation template (recorded for exports)
+        speed: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -47,34 +49,53 @@ class CaptioningModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_options = scheduler
         self.prompt = prompt
+        self.speed = SpeedSettings.from_options(speed)
+        apply_to_model(self.model, self.speed)
+        # torch.compile wraps the forward only; kept out of the module tree (no second set of
+        # state-dict names for the same parameters).
+        self.__dict__["_compiled"] = torch.compile(self.model, dynamic=True) if self.speed.compile else None
+
+    def forward_step(self, *args: Any, **kwargs: Any) -> PrefixLMOutput:
+        """The model's forward, compiled when ``trainer.compile`` is on."""
+        return (self.__dict__["_compiled"] or self.model)(*args, **kwargs)
+
+    def on_fit_start(self) -> None:
+        self.backbone_facts()  # weight digests of the backbones as built, before any dtype change
+        apply_at_fit_start(self.model, self.speed, self.device, str(self.trainer.precision))
 
     def _step(self, batch: dict[str, Any], stage: str) -> PrefixLMOutput:
         features = None
         if "visual_tokens" in batch:
             features = VisualFeatures(batch["visual_tokens"], batch["visual_pooled"])
-        out = self.model(
+        # Training metrics are read by the loggers every trainer.log_every_n_steps only; logging
+        # them on the other steps would have the progress bar read them (a host sync) every step.
+        on_step = stage == "train"
+        report = not on_step or self._logs_this_step()
+        out = self.forward_step(
             batch["input_ids"],
             batch["attention_mask"],
             batch["labels"],
             pixel_values=batch.get("pixel_values"),
             features=features,
             image_position=batch.get("image_position"),
+            loss_index=batch.get("loss_index"),
+            loss_targets=batch.get("loss_targets"),
+            with_accuracy=report,
         )
-        batch_size = batch["input_ids"].shape[0]
-        accuracy = out.num_correct.float() / out.num_tokens.clamp(min=1)
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss",
-            out.loss,
-            prog_bar=True,
-            batch_size=batch_size,
-            on_step=on_step,
-            on_epoch=not on_step,
-        )
-        self.log(
-            f"{stage}/token_accuracy", accuracy, batch_size=batch_size, on_step=on_step, on_epoch=not on_step
-        )
+        if report:
+            batch_size = batch["input_ids"].shape[0]
+            accuracy = out.num_correct.float() / out.num_tokens.clamp(min=1)
+            options = {"batch_size": batch_size, "on_step": on_step, "on_epoch": not on_step}
+            self.log(f"{stage}/loss", out.loss, prog_bar=True, **options)
+            self.log(f"{stage}/token_accuracy", accuracy, **options)
         return out
+
+    def _logs_this_step(self) -> bool:
+        """The steps whose metrics the loggers read, and the last one (the run's final figures)."""
+        trainer = self._trainer
+        if trainer is None or trainer._logger_connector.should_update_logs:
+            return True
+        return 0 <= trainer.max_steps <= trainer.global_step + 1
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self._step(batch, "train")
@@ -100,7 +121,10 @@ class CaptioningModule(L.LightningModule):
         decay, no_decay = [], []
         for _, parameter in self.model.trainable_named_parameters():
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+        optimizer = self.optimizer_factory(
+            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+            **optimizer_options(self.optimizer_factory, self.speed),
+        )
         total = int(self.trainer.estimated_stepping_batches)
         schedule = partial(
             warmup_cosine,
@@ -120,13 +144,18 @@ class CaptioningModule(L.LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         """Norm clipping with the total norm NonFiniteGuard has just measured, as
-        ``clip_grad_norm_`` computes it, and no multiply when nothing is clipped: two passes over
-        every gradient fewer per step (~3% of a GPT-2-small adapter step on CPU). Anything else
-        (no guard, value clipping, several processes) is Lightning's own clipping."""
+        ``clip_grad_norm_`` computes it: with a fused optimizer as the optimizer's ``grad_scale``
+        (no pass over the gradients, no host sync), else as a multiply only when something is
+        clipped. Anything else (no guard, value clipping, sharded gradients) is Lightning's own."""
         guard = next((cb for cb in self.trainer.callbacks if isinstance(cb, NonFiniteGuard)), None)
         norm = guard.take_gradient_norm() if guard is not None else None
         if norm is None or not gradient_clip_val or gradient_clip_algorithm not in (None, "norm"):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if torch.is_tensor(norm):
+            # On the device: the fused optimizer divides the gradients by grad_scale as it reads
+            # them (clip_grad_norm_'s coefficient, inverted), so clipping costs no pass and no sync.
+            optimizer.grad_scale = ((norm.float() + 1e-6) / float(gradient_clip_val)).clamp(min=1.0)
             return
         coefficient = float(gradient_clip_val) / (norm + 1e-6)
         if coefficient < 1.0:

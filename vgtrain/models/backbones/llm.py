@@ -67,6 +67,20 @@ class LanguageModel(FrozenModule):
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=use_cache, **cache
         )
 
+    def causal_mask(self, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """A ready ``[1, 1, length, length]`` causal mask for right-padded training sequences
+        (transformers uses a 4D mask as given: no mask building, no read of a padding mask back
+        to the host), or None where the attention implementation takes no 4D mask."""
+        implementation = getattr(self.model.config, "_attn_implementation", None)
+        allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+        if implementation == "sdpa":
+            return allowed
+        if implementation == "eager":
+            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        return None
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)
 

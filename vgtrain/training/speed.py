@@ -1,0 +1,109 @@
+"""Speed settings of the training step (``speed:`` in conf/train.yaml, ``trainer.compile``).
+
+Each is a switch; the defaults are on where they were measured to be safe and not slower:
+
+- ``tf32``: TF32 matmuls on CUDA (``torch.set_float32_matmul_precision("high")``); no effect on CPU.
+- ``fused_optimizer``: the fused (single-kernel) AdamW/Adam/SGD step where the optimizer has one
+  (CUDA and CPU; on the CPU here 5x faster than the default for a 31M-parameter ClipCap mapper).
+  It also lets NonFiniteGuard skip a step and clip gradients on the device, with no host sync.
+- ``frozen_bf16``: store the frozen LLM's weights in bf16 under ``bf16-mixed`` instead of having
+  autocast re-cast fp32 weights in every step. ``auto``: on CUDA only (measured on the CPU here it
+  did not pay, see README Benchmarks).
+- ``fast_gelu``: GPT-2's tanh GELU as one fused op instead of eight elementwise ones (the same
+  function, to rounding).
+- ``lm_loss``: how the output head and cross-entropy run (see vgtrain/models/lm_loss.py).
+- ``compile`` (``trainer.compile``): ``torch.compile`` of the model's forward (and so backward).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from vgtrain.errors import ConfigError
+from vgtrain.models import VisualPrefixLM
+from vgtrain.models.lm_loss import LOSS_IMPLEMENTATIONS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SpeedSettings:
+    tf32: bool = True
+    fused_optimizer: bool = True
+    frozen_bf16: bool | str = "auto"
+    fast_gelu: bool = True
+    lm_loss: str = "auto"
+    compile: bool = False
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> SpeedSettings:
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                f"speed: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        settings = cls(**options)
+        if settings.lm_loss not in LOSS_IMPLEMENTATIONS:
+            raise ConfigError(
+                f"speed.lm_loss={settings.lm_loss!r}; choose from {', '.join(LOSS_IMPLEMENTATIONS)}"
+            )
+        if settings.frozen_bf16 not in (True, False, "auto"):
+            raise ConfigError(f"speed.frozen_bf16={settings.frozen_bf16!r}; choose true, false or auto")
+        return settings
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def optimizer_options(factory: Any, settings: SpeedSettings) -> dict[str, Any]:
+    """``fused=True`` for optimizers that take it (torch's Adam, AdamW, SGD, Adagrad), unless the
+    config already chose ``fused``/``foreach`` itself."""
+    keywords = getattr(factory, "keywords", {}) or {}
+    target = getattr(factory, "func", factory)
+    if not settings.fused_optimizer or "fused" in keywords or "foreach" in keywords:
+        return {}
+    if target in (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD, torch.optim.Adagrad):
+        return {"fused": True}
+    return {}
+
+
+def use_fast_gelu(model: nn.Module) -> int:
+    """Swaps transformers' ``NewGELUActivation`` (GPT-2's ``gelu_new``) for ``nn.GELU("tanh")``,
+    the same function in one op; returns how many were swapped."""
+    try:
+        from transformers.activations import NewGELUActivation
+    except ImportError:  # pragma: no cover - transformers always has it
+        return 0
+    swapped = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, nn.GELU(approximate="tanh"))
+                swapped += 1
+    return swapped
+
+
+def apply_to_model(model: VisualPrefixLM, settings: SpeedSettings) -> None:
+    """Device-independent settings, applied when the module is built."""
+    model.lm_loss = settings.lm_loss
+    if settings.fast_gelu:
+        use_fast_gelu(model.llm)
+
+
+def apply_at_fit_start(
+    model: VisualPrefixLM, settings: SpeedSettings, device: torch.device, precision: str
+) -> None:
+    """Settings that depend on the device and precision the trainer chose."""
+    if device.type == "cuda" and settings.tf32:
+        torch.set_float32_matmul_precision("high")
+    wants_bf16 = settings.frozen_bf16 is True or (settings.frozen_bf16 == "auto" and device.type == "cuda")
+    if wants_bf16 and precision == "bf16-mixed" and not model.llm.trainable:
+        model.llm.to(torch.bfloat16)
+        log.info("frozen LLM weights stored in bf16 (speed.frozen_bf16)")
