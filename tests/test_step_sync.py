@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from tests.conftest import quiet_trainer, tiny_datamodule, tiny_module
 from vgtrain.data.collate import CaptionCollator
-from vgtrain.training.callbacks import NonFiniteGuard
 from vgtrain.models import lm_loss
 from vgtrain.models.lm_loss import caption_loss, caption_positions
+from vgtrain.training.callbacks import NonFiniteGuard
 
 
 def _fixed_batch(model, size: int = 6) -> dict:

@@ -22,6 +22,7 @@ from vgtrain.config.paths import CONF_DIR
 from vgtrain.training.callbacks import NonFiniteGuard, TrainingStats
 from vgtrain.training.datamodule import CaptionDataModule
 from vgtrain.training.module import CaptioningModule
+from vgtrain.training.speed import split_trainer_config
 
 PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed"}
 # ClipCap's optimizer settings (AdamW, lr 2e-5, linear warmup); the loop baseline uses the same.
@@ -127,7 +128,7 @@ def make_trainer(steps: int, precision: str, device: torch.device, timer: StepTi
     """A Trainer from the shipped trainer config (precision, gradient clipping, checkpoint IO) with
     the per-step callbacks of conf/callbacks/default.yaml; no logger, progress bar or checkpoints,
     which act every N steps or on the console, not in the step being timed."""
-    settings = OmegaConf.load(CONF_DIR / "trainer" / "cpu.yaml")
+    settings, _ = split_trainer_config(OmegaConf.load(CONF_DIR / "trainer" / "cpu.yaml"))
     settings.default_root_dir = tempfile.mkdtemp(prefix="vgtrain-bench-")
     return instantiate(
         settings,

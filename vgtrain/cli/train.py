@@ -44,6 +44,7 @@ from vgtrain.training.datamodule import CaptionDataModule
 from vgtrain.training.init_from import init_from_export
 from vgtrain.training.module import CaptioningModule
 from vgtrain.training.recovery import PreemptionCheckpoint
+from vgtrain.training.speed import split_trainer_config
 from vgtrain.training.sweep import optimized_value
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 def build_module(cfg: DictConfig) -> CaptioningModule:
     container = OmegaConf.to_container(cfg.model, resolve=True)
+    _, compile_step = split_trainer_config(cfg.trainer)
     return CaptioningModule(
         vision=container["vision"],
         llm=container["llm"],
@@ -65,6 +67,7 @@ def build_module(cfg: DictConfig) -> CaptioningModule:
         xattn=container.get("xattn"),
         llm_adapter=container.get("llm_adapter"),
         chat=container.get("chat"),
+        speed={**container.get("speed", {}), "compile": compile_step},
     )
 
 
@@ -239,7 +242,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     callbacks = instantiate_group(cfg.get("callbacks"))
     if not loggers:  # logger=none: LearningRateMonitor refuses a trainer with nothing to log to
         callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(
+        split_trainer_config(cfg.trainer)[0], callbacks=callbacks, logger=loggers or False
+    )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

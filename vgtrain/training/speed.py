@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, open_dict
 from torch import nn
 
 from vgtrain.errors import ConfigError
@@ -60,6 +61,15 @@ class SpeedSettings:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def split_trainer_config(trainer: DictConfig) -> tuple[DictConfig, bool]:
+    """The trainer config without vgtrain's ``compile`` key (Lightning's Trainer has none), and
+    that key's value."""
+    settings = trainer.copy()
+    with open_dict(settings):
+        compile_step = bool(settings.pop("compile", False))
+    return settings, compile_step
 
 
 def optimizer_options(factory: Any, settings: SpeedSettings) -> dict[str, Any]:
