@@ -107,6 +107,8 @@ def build_datamodule(cfg: DictConfig, module: CaptioningModule) -> CaptionDataMo
         vision=module.model.vision,
         resampled=data.get("resampled", True),
         samples_per_epoch=data.get("samples_per_epoch"),
+        device_resident=data.get("device_resident", False),
+        feature_needs=module.model.feature_needs(),
     )
 
 

@@ -73,6 +73,13 @@ class VisualPrefixLM(nn.Module):
     def prefix_length(self) -> int:
         return self.mapper.prefix_length if self.mapper is not None else 0
 
+    def feature_needs(self) -> set[str]:
+        """Which visual features the adapters read: ``"pooled"`` and/or ``"tokens"``."""
+        needs = {"tokens"} if self.xattn is not None else set()
+        if self.mapper is not None:
+            needs.add(getattr(self.mapper, "source", "tokens"))
+        return needs
+
     def visual_memory(self, features: VisualFeatures) -> torch.Tensor:
         return self.memory(features.tokens) if self.memory is not None else features.tokens
 

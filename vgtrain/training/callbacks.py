@@ -118,16 +118,18 @@ class NonFiniteGuard(L.Callback):
         self.skipped = 0
         self.consecutive = 0
         self._loss_ok: torch.Tensor | None = None  # on device: read once per step, not per micro-batch
-        self._keys: list[str] = []  # of the micro-batches accumulated into the coming step
+        # The key sequences of the micro-batches accumulated into the coming step (kept as given;
+        # read only when a step is bad: a device-resident batch looks its keys up on demand).
+        self._keys: list[Any] = []  # sequences of keys
         self._gradient_norm: torch.Tensor | float | None = None  # of this step's gradients, for clipping
         # Steps decided on the device and not read yet: (step, bad flag on device, batch keys).
-        self._pending: list[tuple[int, torch.Tensor, list[str]]] = []
+        self._pending: list[tuple[int, torch.Tensor, list[Any]]] = []
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if isinstance(batch, dict):
-            self._keys.extend(str(key) for key in batch.get("keys") or [])
+            self._keys.append(batch.get("keys") or [])
 
     def on_before_backward(
         self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
@@ -169,10 +171,12 @@ class NonFiniteGuard(L.Callback):
         optimizer.zero_grad(set_to_none=True)
         self._count_bad_step(trainer.global_step, keys, trainer.global_step)
 
-    def _count_bad_step(self, step: int, keys: list[str], now: int | None) -> None:
+    def _count_bad_step(self, step: int, batches: list[Any], now: int | None) -> None:
         self.skipped += 1
         self.consecutive += 1
-        shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+        total = sum(len(keys) for keys in batches)
+        first = [str(key) for keys in batches for key in keys[:8]][:8]
+        shown = ", ".join(first) + (f", ... ({total} in all)" if total > 8 else "")
         if self.consecutive > self.max_consecutive:
             noticed = f" (read at step {now})" if now is not None and now != step else ""
             raise NonFiniteError(

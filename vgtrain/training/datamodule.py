@@ -12,11 +12,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vgtrain.data.collate import CaptionCollator
+from vgtrain.data.device_store import DeviceFeatureStore, gather_cached
 from vgtrain.data.feature_cache import CachedFeatures, compute_features
 from vgtrain.data.feature_store import cached_decoder, cached_urls
 from vgtrain.data.pipeline import caption_dataset, check_shard_split, expand_urls, stream_seed
 from vgtrain.errors import ConfigError
 from vgtrain.models.backbones.vision import VisionBackbone
+from vgtrain.training.device_data import build_store, device_train_loader
 from vgtrain.training.resumable import ResumableDataLoader, ResumableSampler
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,19 @@ class CaptionDataModule(L.LightningDataModule):
         resampled: bool = True,
         samples_per_epoch: int | None = None,
         use_cached_features: bool = False,
+        device_resident: bool = False,
+        feature_needs: set[str] | None = None,
     ) -> None:
         super().__init__()
+        if device_resident and not (cache_features or use_cached_features):
+            raise ConfigError(
+                "data.device_resident=true keeps cached features on the device: set data.cache_features=true "
+                "or data.use_cached_features=true (images are decoded per step, on the host)"
+            )
+        self.device_resident = device_resident
+        # The features the adapter reads; a device-resident store keeps only those.
+        self.feature_needs = set(feature_needs) if feature_needs is not None else {"pooled", "tokens"}
+        self._store: DeviceFeatureStore | None = None
         if (cache_features or use_cached_features) and vision is None:
             raise ValueError("cached features need the vision backbone that computes (or computed) them")
         if cache_features and use_cached_features:
@@ -85,6 +98,10 @@ class CaptionDataModule(L.LightningDataModule):
                 self.vision, self.loader(self.train_urls, train=False), "caching train features"
             )
             log.info("cached features of %d training samples", len(self.train_cache))
+        if stage == "fit" and self.use_cached_features and self.device_resident and self.train_cache is None:
+            self.train_cache = gather_cached(
+                self.loader(self.train_urls, train=False, cached=True), "reading cached train features"
+            )
 
     def loader(self, urls: str, *, train: bool, seed: int | None = None, cached: bool = False) -> DataLoader:
         """Shard stream -> batches. ``train``: an endless shuffled stream (resampled shards, or
@@ -156,6 +173,12 @@ class CaptionDataModule(L.LightningDataModule):
                 seed=stream_seed(self.seed, resume_step),
                 cached=self.use_cached_features,
             )
+        # Skips met while caching were counted before an interruption; the restored counts hold them.
+        skipped = self.train_cache.skipped if resume_step == 0 else {}
+        if self.device_resident:
+            if self._store is None:
+                self._store = build_store(self.train_cache, self.collator, self.feature_needs, trainer)
+            return device_train_loader(self._store, trainer, self.batch_size, self.seed, skipped)
         sampler = ResumableSampler(
             self.train_cache,
             num_replicas=trainer.world_size if trainer is not None else 1,
@@ -167,8 +190,7 @@ class CaptionDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=True,
-            # Skips met while caching were counted before an interruption; the restored counts hold them.
-            collate_fn=_ReportOnce(self.collator, self.train_cache.skipped if resume_step == 0 else {}),
+            collate_fn=_ReportOnce(self.collator, skipped),
         )
 
     def val_dataloader(self) -> DataLoader | list[Any]:
