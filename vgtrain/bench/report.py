@@ -74,15 +74,28 @@ def headline(result: dict[str, Any]) -> list[tuple[str, str]]:
     items = []
     if "train" in result:
         t = result["train"]
-        items += [
-            ("train.vgtrain_vs_loop", f"{t['vgtrain_vs_loop']:.3f}"),
-            ("train.vgtrain_vs_loop_cpu_time", f"{t['vgtrain_vs_loop_cpu_time']:.3f}"),
-            ("train.vgtrain_vs_loop_fastest_step", f"{t['vgtrain_vs_loop_fastest_step']:.3f}"),
-            ("train.cached_vs_images", f"{t['cached_vs_images']:.2f}"),
-        ]
-        if t.get("cached_vs_images_tiny_lm"):
-            items.append(("train.cached_vs_images_tiny_lm", f"{t['cached_vs_images_tiny_lm']:.2f}"))
-        items.append(("train.mfu", f"{t['mfu']:.3f}"))
+        for key, digits in (
+            ("vgtrain_vs_loop", 3),
+            ("vgtrain_vs_loop_cpu_time", 3),
+            ("vgtrain_vs_loop_fastest_step", 3),
+            ("cached_vs_images", 2),
+            ("cached_vs_images_tiny_lm", 2),
+            ("mfu", 3),
+            ("best_mfu", 3),
+            ("wait_fraction", 3),
+        ):
+            if t.get(key) is not None:
+                items.append((f"train.{key}", f"{t[key]:.{digits}f}"))
+        for dtype, entry in t.get("clipcap", {}).items():  # each precision's ratio (the first is above)
+            items.append((f"train.vgtrain_vs_loop ({dtype})", f"{entry['vgtrain_vs_loop']:.3f}"))
+        for batch, entry in (t.get("gpu_by_batch") or {}).items():
+            items.append(
+                (
+                    f"train.prefix_samples_per_s (batch {batch})",
+                    f"{entry['prefix_samples_per_s']:.0f} (loop {entry['loop_samples_per_s']:.0f}, "
+                    f"xattn {entry['xattn_samples_per_s']:.0f})",
+                )
+            )
     if "decode" in result:
         for model, speedup in result["decode"]["kv_cache_speedup_by_model"].items():
             items.append((f"decode.kv_cache_speedup ({model})", f"{speedup:.2f}"))

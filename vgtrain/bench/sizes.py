@@ -4,7 +4,8 @@ Two model scales: ``tiny`` is the demo's (64 px ViT, 3-layer width-192 GPT-2) an
 ClipCap's work at full size, built offline with random init through the ``tiny`` registry entries:
 a ViT-B/32-sized open_clip tower (224 px, patch 32, width 768, 12 layers, 12 heads, embed 512)
 and a GPT-2-small-sized LM (width 768, 12 layers, 12 heads, 50257-row vocabulary: 124M).
-``smoke`` shrinks everything so the whole suite runs in seconds (for the test).
+``smoke`` shrinks everything so the whole suite runs in seconds (for the test). ``gpu`` (chosen
+on CUDA) times the ClipCap-scale steps at batch 256, 1,024 and 4,096 in bf16.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ class Size:
     cache_batch: int = 64
     cache_workers: tuple[int, ...] = (0, 2)  # decoding worker processes (0: in the main process)
     peak_matmul_n: int = 2048
+    # GPU size: the ClipCap-scale prefix and cross-attention steps at these batch sizes in bf16,
+    # the loop beside the prefix one (instead of the CPU-sized ClipCap section).
+    gpu_batch_sizes: tuple[int, ...] = ()
     notes: list[str] = field(default_factory=list)
 
 
@@ -120,4 +124,13 @@ SMOKE = Size(
     peak_matmul_n=256,
 )
 
-SIZES = {"default": DEFAULT, "smoke": SMOKE}
+GPU = Size(
+    name="gpu",
+    tiny=Scale("tiny", TINY_VISION, TINY_LLM, TINY_PREFIX, TINY_XATTN, 256, 3, 10),
+    clipcap=Scale("clipcap", VIT_B32_VISION, GPT2_SMALL_LLM, CLIPCAP_PREFIX, CLIPCAP_XATTN, 8, 3, 10),
+    loop_rounds=2,
+    gpu_batch_sizes=(256, 1024, 4096),
+    peak_matmul_n=8192,
+)
+
+SIZES = {"default": DEFAULT, "smoke": SMOKE, "gpu": GPU}
