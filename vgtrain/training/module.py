@@ -16,7 +16,13 @@ from vgtrain.models import VisualPrefixLM, build_model
 from vgtrain.models.backbones.vision import VisualFeatures
 from vgtrain.models.prefix_lm import PrefixLMOutput
 from vgtrain.training.callbacks import NonFiniteGuard
-from vgtrain.training.speed import SpeedSettings, apply_at_fit_start, apply_to_model, optimizer_options
+from vgtrain.training.speed import (
+    SpeedSettings,
+    apply_at_fit_start,
+    apply_to_model,
+    attention_context,
+    optimizer_options,
+)
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -57,7 +63,8 @@ class CaptioningModule(L.LightningModule):
 
     def forward_step(self, *args: Any, **kwargs: Any) -> PrefixLMOutput:
         """The model's forward, compiled when ``trainer.compile`` is on."""
-        return (self.__dict__["_compiled"] or self.model)(*args, **kwargs)
+        with attention_context(self.speed, self.device):
+            return (self.__dict__["_compiled"] or self.model)(*args, **kwargs)
 
     def on_fit_start(self) -> None:
         self.backbone_facts()  # weight digests of the backbones as built, before any dtype change

@@ -12,11 +12,15 @@ Each is a switch; the defaults are on where they were measured to be safe and no
 - ``fast_gelu``: GPT-2's tanh GELU as one fused op instead of eight elementwise ones (the same
   function, to rounding).
 - ``lm_loss``: how the output head and cross-entropy run (see vgtrain/models/lm_loss.py).
+- ``cpu_bf16_math_attention``: under bf16 autocast on the CPU, SDPA's plain (math) kernel instead
+  of its flash kernel, whose bf16 backward is ~8x slower than in fp32 there (AMX matmuls then do
+  the work); no effect on GPUs or in fp32.
 - ``compile`` (``trainer.compile``): ``torch.compile`` of the model's forward (and so backward).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -24,6 +28,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, open_dict
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vgtrain.errors import ConfigError
 from vgtrain.models import VisualPrefixLM
@@ -39,6 +44,7 @@ class SpeedSettings:
     frozen_bf16: bool | str = "auto"
     fast_gelu: bool = True
     lm_loss: str = "auto"
+    cpu_bf16_math_attention: bool = True
     compile: bool = False
 
     @classmethod
@@ -105,6 +111,18 @@ def apply_to_model(model: VisualPrefixLM, settings: SpeedSettings) -> None:
     model.lm_loss = settings.lm_loss
     if settings.fast_gelu:
         use_fast_gelu(model.llm)
+
+
+def attention_context(settings: SpeedSettings, device: torch.device) -> contextlib.AbstractContextManager:
+    """The SDPA kernel choice for one training or validation step."""
+    if (
+        settings.cpu_bf16_math_attention
+        and device.type == "cpu"
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    ):
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
 
 
 def apply_at_fit_start(
