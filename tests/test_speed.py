@@ -14,7 +14,13 @@ from tests.test_step_sync import _fixed_batch
 from vgtrain.errors import ConfigError
 from vgtrain.models.backbones.vision import VisualFeatures
 from vgtrain.training.module import CaptioningModule
-from vgtrain.training.speed import SpeedSettings, apply_at_fit_start, attention_context, optimizer_options
+from vgtrain.training.speed import (
+    SpeedSettings,
+    apply_at_fit_start,
+    attention_context,
+    optimizer_options,
+    restore_at_fit_end,
+)
 
 
 def _module(**speed) -> CaptioningModule:
@@ -72,9 +78,12 @@ def test_frozen_bf16_stores_the_frozen_llm_in_bf16_and_keeps_the_digests():
     assert module.backbone_facts() == facts  # checkpoints still name the fp32 weights
     batch = _fixed_batch(module.model)
     assert torch.isfinite(torch.tensor(_loss(module, batch, autocast=True)))
-    untouched = _module()  # auto: on CUDA only
-    apply_at_fit_start(untouched.model, untouched.speed, torch.device("cpu"), "bf16-mixed")
-    assert {p.dtype for p in untouched.model.llm.parameters()} == {torch.float32}
+    restore_at_fit_end(module.model)  # what on_fit_end does
+    assert {p.dtype for p in module.model.llm.parameters()} == {torch.float32}
+    for options, precision in (({"frozen_bf16": False}, "bf16-mixed"), ({}, "32-true")):
+        untouched = _module(**options)
+        apply_at_fit_start(untouched.model, untouched.speed, torch.device("cpu"), precision)
+        assert {p.dtype for p in untouched.model.llm.parameters()} == {torch.float32}
 
 
 def test_fused_optimizer_unless_the_config_chose():

@@ -22,6 +22,7 @@ from vgtrain.training.speed import (
     apply_to_model,
     attention_context,
     optimizer_options,
+    restore_at_fit_end,
 )
 
 
@@ -69,6 +70,9 @@ class CaptioningModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.backbone_facts()  # weight digests of the backbones as built, before any dtype change
         apply_at_fit_start(self.model, self.speed, self.device, str(self.trainer.precision))
+
+    def on_fit_end(self) -> None:
+        restore_at_fit_end(self.model)
 
     def _step(self, batch: dict[str, Any], stage: str) -> PrefixLMOutput:
         features = None
