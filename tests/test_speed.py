@@ -99,3 +99,27 @@ def test_unknown_or_invalid_settings_are_refused_by_name():
         SpeedSettings.from_options({"turbo": True})
     with pytest.raises(ConfigError, match="speed.lm_loss='fast'"):
         SpeedSettings.from_options({"lm_loss": "fast"})
+
+
+def test_frozen_bf16_llm_with_cross_attention_trains_a_step():
+    from tests.conftest import TINY_LLM, TINY_VISION
+
+    torch.manual_seed(0)
+    module = CaptioningModule(
+        vision=dict(TINY_VISION),
+        llm=dict(TINY_LLM),
+        mapper={"name": "none"},
+        xattn={"name": "gated", "every": 1, "num_heads": 2, "head_dim": 32, "ff_mult": 2},
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        scheduler={"warmup_steps": 1},
+    )
+    apply_at_fit_start(module.model, module.speed, torch.device("cpu"), "bf16-mixed")
+    batch = _fixed_batch(module.model)
+    features = VisualFeatures(batch["visual_tokens"], batch["visual_pooled"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module.forward_step(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], features=features
+        )
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None for p in module.model.xattn.parameters() if p.requires_grad)

@@ -134,7 +134,8 @@ class CrossAttentionAdapter(nn.Module):
                         f"text batch {hidden.shape[0]} is not a multiple of image batch {memory.shape[0]}"
                     )
                 memory = memory.repeat_interleave(hidden.shape[0] // memory.shape[0], dim=0)
-            hidden = block(hidden, memory.to(hidden.dtype))
+            # In the LLM's dtype again: the fp32 gates would promote a bf16-stored LLM's stream.
+            hidden = block(hidden, memory.to(hidden.dtype)).to(hidden.dtype)
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
