@@ -152,8 +152,8 @@ def test_out_of_memory_names_the_knobs(monkeypatch, capsys, shapes_dir, tmp_path
         "out of memory",
         "data.batch_size=16",
         "trainer.accumulate_grad_batches=1",
-        "trainer.precision=32-true",
+        "trainer.precision=bf16-mixed",  # the demo's
         "data.cache_features=True",
-        "bf16-mixed",
     )
     assert "set data.cache_features=true" not in err  # already on: not offered
+    assert "use trainer.precision=bf16-mixed" not in err  # likewise

@@ -12,12 +12,14 @@ from collections.abc import Iterable
 from typing import Any
 
 
-def oom_knobs(cache_features: bool = False) -> str:
-    """What lowers memory, in the order worth trying."""
+def oom_knobs(cache_features: bool = False, bf16: bool = False) -> str:
+    """What lowers memory, in the order worth trying (leaving out what is already on)."""
     knobs = (
         "lower data.batch_size (raise trainer.accumulate_grad_batches by the same factor to keep the "
-        "effective batch), use trainer.precision=bf16-mixed"
+        "effective batch)"
     )
+    if not bf16:
+        knobs += ", use trainer.precision=bf16-mixed"
     if not cache_features:
         knobs += ", or set data.cache_features=true (trains from precomputed vision features)"
     return knobs

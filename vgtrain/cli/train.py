@@ -222,7 +222,9 @@ def fit(
                 "data.cache_features",
             )
         )
-        knobs = oom_knobs(bool(cfg.data.get("cache_features")))
+        knobs = oom_knobs(
+            bool(cfg.data.get("cache_features")), bf16=str(cfg.trainer.precision).startswith("bf16")
+        )
         raise OutOfMemory(f"out of memory with {settings}: {knobs}") from error
 
 
