@@ -55,12 +55,8 @@ class CaptionDataModule(L.LightningDataModule):
         feature_needs: set[str] | None = None,
     ) -> None:
         super().__init__()
-        if device_resident and not (cache_features or use_cached_features):
-            raise ConfigError(
-                "data.device_resident=true keeps cached features on the device: set data.cache_features=true "
-                "or data.use_cached_features=true (images are decoded per step, on the host)"
-            )
-        self.device_resident = device_resident
+        # Applies to cached features only (either kind); images are decoded per step, on the host.
+        self.device_resident = device_resident and (cache_features or use_cached_features)
         # The features the adapter reads; a device-resident store keeps only those.
         self.feature_needs = set(feature_needs) if feature_needs is not None else {"pooled", "tokens"}
         self._store: DeviceFeatureStore | None = None
