@@ -9,6 +9,7 @@ import signal
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -69,6 +70,16 @@ def build_module(cfg: DictConfig) -> CaptioningModule:
         chat=container.get("chat"),
         speed={**container.get("speed", {}), "compile": compile_step},
     )
+
+
+def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
+    """The Trainer with the configured callbacks and loggers; ``overrides`` replace trainer keys."""
+    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if not loggers:  # logger=none: LearningRateMonitor refuses a trainer with nothing to log to
+        callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
+    settings, _ = split_trainer_config(cfg.trainer)  # `compile` is vgtrain's (build_module), not Lightning's
+    return instantiate(settings, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
 def build_collator(cfg: DictConfig, module: CaptioningModule) -> CaptionCollator | ConversationCollator:
@@ -242,13 +253,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         init_from_export(module, cfg.init_from)
     datamodule = build_datamodule(cfg, module)
     module.model.llm.tokenizer.save_pretrained(run_dir / "tokenizer")
-    loggers = instantiate_group(cfg.get("logger"))
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    if not loggers:  # logger=none: LearningRateMonitor refuses a trainer with nothing to log to
-        callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(
-        split_trainer_config(cfg.trainer)[0], callbacks=callbacks, logger=loggers or False
-    )
+    trainer = build_trainer(cfg)
+    loggers = trainer.loggers
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

@@ -121,7 +121,6 @@ class NonFiniteGuard(L.Callback):
         # The key sequences of the micro-batches accumulated into the coming step (kept as given;
         # read only when a step is bad: a device-resident batch looks its keys up on demand).
         self._keys: list[Any] = []  # sequences of keys
-        self._gradient_norm: torch.Tensor | float | None = None  # of this step's gradients, for clipping
         # Steps decided on the device and not read yet: (step, bad flag on device, batch keys).
         self._pending: list[tuple[int, torch.Tensor, list[Any]]] = []
 
@@ -154,7 +153,7 @@ class NonFiniteGuard(L.Callback):
                 torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
             optimizer.found_inf = bad  # the fused kernel skips the whole update when it is 1
             optimizer.grad_scale = None  # clipping (configure_gradient_clipping) may set it
-            self._gradient_norm = norm
+            pl_module.measured_gradient_norm = norm  # for its clipping: no second pass
             self._pending.append((trainer.global_step, bad, keys))
             return
         finite = bool(torch.stack(checks).all()) if checks else True  # one device sync per step
@@ -166,7 +165,7 @@ class NonFiniteGuard(L.Callback):
             # again (CaptioningModule.configure_gradient_clipping). One process only: under DDP
             # the gradients agree but Lightning's own clipping stays in charge of sharded ones.
             if norm is not None and trainer.world_size == 1:
-                self._gradient_norm = float(norm)
+                pl_module.measured_gradient_norm = float(norm)
             return
         optimizer.zero_grad(set_to_none=True)
         self._count_bad_step(trainer.global_step, keys, trainer.global_step)
@@ -201,12 +200,6 @@ class NonFiniteGuard(L.Callback):
                 self._count_bad_step(step, keys, now)
             else:
                 self.consecutive = 0
-
-    def take_gradient_norm(self) -> torch.Tensor | float | None:
-        """The total gradient norm measured for the coming optimizer step (once), or None: a
-        device tensor when the step is decided on the device, else a float."""
-        norm, self._gradient_norm = self._gradient_norm, None
-        return norm
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

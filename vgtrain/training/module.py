@@ -15,7 +15,6 @@ from vgtrain.errors import CheckpointMismatchError
 from vgtrain.models import VisualPrefixLM, build_model
 from vgtrain.models.backbones.vision import VisualFeatures
 from vgtrain.models.prefix_lm import PrefixLMOutput
-from vgtrain.training.callbacks import NonFiniteGuard
 from vgtrain.training.speed import (
     SpeedSettings,
     apply_at_fit_start,
@@ -36,6 +35,10 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
 
 class CaptioningModule(L.LightningModule):
     """Trains the adapters (and the LLM when ``llm.trainable``) on caption tokens only."""
+
+    # The total gradient norm of the coming optimizer step, handed over by NonFiniteGuard (which
+    # measures it anyway) so that clipping does not read every gradient again; used once.
+    measured_gradient_norm: torch.Tensor | float | None = None
 
     def __init__(
         self,
@@ -154,12 +157,11 @@ class CaptioningModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Norm clipping with the total norm NonFiniteGuard has just measured, as
+        """Norm clipping with the total norm NonFiniteGuard has just measured (``measured_gradient_norm``), as
         ``clip_grad_norm_`` computes it: with a fused optimizer as the optimizer's ``grad_scale``
         (no pass over the gradients, no host sync), else as a multiply only when something is
         clipped. Anything else (no guard, value clipping, sharded gradients) is Lightning's own."""
-        guard = next((cb for cb in self.trainer.callbacks if isinstance(cb, NonFiniteGuard)), None)
-        norm = guard.take_gradient_norm() if guard is not None else None
+        norm, self.measured_gradient_norm = self.measured_gradient_norm, None  # once per step
         if norm is None or not gradient_clip_val or gradient_clip_algorithm not in (None, "norm"):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
