@@ -12,7 +12,6 @@ for images with several captions), else its ``{key}.txt``.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -31,7 +30,7 @@ from vgtrain.config.build import instantiate_group, prepare_synthetic_data
 from vgtrain.config.paths import CONF_DIR
 from vgtrain.config.resolvers import register_resolvers
 from vgtrain.config.schema import EvalSchema, validate
-from vgtrain.data.pipeline import IMAGE_EXTENSIONS, SkipCounter, expand_urls
+from vgtrain.data.pipeline import SkipCounter, decode_sample_image, expand_urls
 from vgtrain.errors import ConfigError, ShardNotFoundError, UserExit
 from vgtrain.evaluation.report import image_data_uri, render_report, training_history
 from vgtrain.export.artifact import ArtifactError, read_manifest
@@ -74,17 +73,12 @@ def read_split(urls: str, limit: int | None, counter: SkipCounter) -> Iterator[S
     stages = [wds.SimpleShardList(expand_urls(urls)), wds.tarfile_to_samples(handler=counter.tar_error)]
     count = 0
     for sample in wds.DataPipeline(*stages):
-        where = f"{sample.get('__key__')} in {sample.get('__url__')}"
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         references = sample_references(sample)
-        if ext is None or not references:
-            counter.skip("missing_image" if ext is None else "missing_caption", where)
+        if not references:
+            counter.skip("missing_caption", f"{sample.get('__key__')} in {sample.get('__url__')}")
             continue
-        try:
-            with Image.open(io.BytesIO(sample[ext])) as handle:
-                image = handle.convert("RGB")
-        except Exception as error:  # PIL raises many types for corrupt data
-            counter.skip("bad_image", f"{where}: {error}")
+        image = decode_sample_image(sample, counter)
+        if image is None:
             continue
         yield Sample(str(sample["__key__"]), image, references)
         count += 1

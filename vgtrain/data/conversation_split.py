@@ -3,7 +3,6 @@ in shard order (``vgtrain eval task=vqa``)."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +10,7 @@ import webdataset as wds
 from PIL import Image
 
 from vgtrain.data.conversation import Conversation, ConversationError, read_conversations
-from vgtrain.data.pipeline import IMAGE_EXTENSIONS, expand_urls
+from vgtrain.data.pipeline import decode_sample_image, expand_urls
 
 
 def read_conversation_split(
@@ -23,20 +22,16 @@ def read_conversation_split(
     count = 0
     for sample in wds.DataPipeline(*stages):
         where = f"{sample.get('__key__')} in {sample.get('__url__')}"
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         try:
             conversations = read_conversations(sample.get("json"))
         except ConversationError as error:
             counter.skip("bad_conversation", f"{where}: {error}")
             continue
-        if ext is None or not conversations:
-            counter.skip("missing_image" if ext is None else "no_conversation", where)
+        if not conversations:
+            counter.skip("no_conversation", where)
             continue
-        try:
-            with Image.open(io.BytesIO(sample[ext])) as handle:
-                image = handle.convert("RGB")
-        except Exception as error:  # PIL raises many types for corrupt data
-            counter.skip("bad_image", f"{where}: {error}")
+        image = decode_sample_image(sample, counter)
+        if image is None:
             continue
         yield str(sample["__key__"]), image, conversations
         count += 1

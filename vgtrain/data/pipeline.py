@@ -53,6 +53,22 @@ class SkipCounter:
         return counts
 
 
+def decode_sample_image(sample: dict[str, Any], counter: SkipCounter) -> Image.Image | None:
+    """A raw WebDataset sample's image as RGB, or None with the reason counted (no image member,
+    or bytes PIL cannot read)."""
+    where = f"{sample.get('__key__')} in {sample.get('__url__')}"
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        counter.skip("missing_image", where)
+        return None
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as handle:
+            return handle.convert("RGB")
+    except Exception as error:  # PIL raises many types for corrupt data
+        counter.skip("bad_image", f"{where}: {error}")
+        return None
+
+
 GLOB_CHARACTERS = ("*", "?", "[")
 
 
