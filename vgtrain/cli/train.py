@@ -92,6 +92,7 @@ def build_collator(cfg: DictConfig, module: CaptioningModule) -> CaptionCollator
             max_tokens=cfg.data.get("max_conversation_tokens", 128),
             seed=cfg.seed,
             caption_share=float((cfg.data.get("mix") or {}).get("caption", 0.0)),
+            conversations_per_visit=int(cfg.data.get("conversations_per_visit", 1)),
         )
     return CaptionCollator(
         module.model.llm.tokenizer,

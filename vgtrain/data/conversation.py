@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from vgtrain.models.chat_template import (
+    IMAGE_TOKEN,
     ConversationError,
     ConversationRenderer,
     EncodedConversation,
@@ -69,15 +70,22 @@ def references(turn: dict[str, Any]) -> list[str]:
 
 
 class ConversationPicker:
-    """Which text a training visit uses: one of the sample's conversations or (with probability
+    """Which text a training visit uses: the sample's conversations or (with probability
     ``caption_share``, when the sample has a caption) the caption. With ``seed=None``
-    (evaluation) always the first conversation. The RNG is made in the process that uses it."""
+    (evaluation) always the first conversation. The RNG is made in the process that uses it.
 
-    def __init__(self, seed: int | None, caption_share: float = 0.0) -> None:
+    ``per_visit`` > 1 joins that many of the sample's conversations (drawn without replacement,
+    in random order) into one multi-turn conversation, as LLaVA's multi-turn samples: the image
+    is encoded once and every answer is supervised, instead of one or two tokens a visit."""
+
+    def __init__(self, seed: int | None, caption_share: float = 0.0, per_visit: int = 1) -> None:
         if not 0.0 <= caption_share <= 1.0:
             raise ValueError(f"data.mix.caption must be within [0, 1], got {caption_share}")
+        if per_visit < 1:
+            raise ValueError(f"data.conversations_per_visit must be >= 1, got {per_visit}")
         self.seed = seed
         self.caption_share = caption_share
+        self.per_visit = per_visit
         self._rng: random.Random | None = None
 
     def __call__(self, conversations: list[Conversation], has_caption: bool) -> Conversation | None:
@@ -90,7 +98,24 @@ class ConversationPicker:
             self._rng = random.Random(f"{self.seed}:{info.id if info else -1}")
         if has_caption and self.caption_share > 0 and self._rng.random() < self.caption_share:
             return None
-        return self._rng.choice(conversations)
+        if self.per_visit == 1 or len(conversations) == 1:
+            return self._rng.choice(conversations)
+        drawn = self._rng.sample(conversations, min(self.per_visit, len(conversations)))
+        return join_conversations(drawn)
+
+
+def join_conversations(conversations: Sequence[Conversation]) -> Conversation:
+    """One conversation of several about the same image: the first keeps its system turn and
+    ``<image>`` marker; later ones lose theirs (one system turn first, one image)."""
+    joined: Conversation = list(conversations[0])
+    for conversation in conversations[1:]:
+        for turn in conversation:
+            if turn.get("role", turn.get("from")) == "system":
+                continue
+            key = "content" if "content" in turn else "value"
+            text = str(turn.get(key, ""))
+            joined.append({**turn, key: text.replace(IMAGE_TOKEN, "").strip()} if IMAGE_TOKEN in text else turn)
+    return joined
 
 
 def attach_conversations(decoded: dict[str, Any], raw_json: Any, *, pin_first: bool) -> dict[str, Any]:
@@ -190,6 +215,7 @@ def conversation_collator(
     max_tokens: int = 128,
     seed: int | None = 0,
     caption_share: float = 0.0,
+    conversations_per_visit: int = 1,
 ) -> ConversationCollator:
     """The collator a ``model.chat`` config block asks for (keys: template, plain, system)."""
     unknown = sorted(set(chat) - {"template", "plain", "system"})
@@ -210,5 +236,5 @@ def conversation_collator(
         prefix_length,
         prompt=prompt,
         max_tokens=max_tokens,
-        picker=ConversationPicker(seed, caption_share),
+        picker=ConversationPicker(seed, caption_share, conversations_per_visit),
     )
