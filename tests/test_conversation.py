@@ -10,6 +10,7 @@ from vgtrain.data.conversation import (
     IGNORE_INDEX,
     ConversationCollator,
     ConversationPicker,
+    join_conversations,
     read_conversations,
 )
 from vgtrain.models import build_model
@@ -202,3 +203,36 @@ def test_reading_conversations_and_drawing_with_the_caption_mix():
     captions = sum(d is None for d in draws)
     assert 150 < captions < 250 and {id(d) for d in draws if d is not None} == {id(c) for c in conversations}
     assert all(picker(conversations, False) is not None for _ in range(50))  # no caption: never
+
+
+def test_several_conversations_of_an_image_join_into_one_training_sample():
+    """data.conversations_per_visit: distinct conversations of the sample, one image marker, one
+    system turn; every answer keeps its label."""
+    first = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "<image>\nWhat color is it?"},
+        {"role": "assistant", "content": "red"},
+    ]
+    second = [{"role": "user", "content": "<image> How big is it?"}, {"role": "assistant", "content": "large"}]
+    third = [{"role": "user", "content": "What shape?"}, {"role": "assistant", "content": "circle"}]
+    joined = join_conversations([first, second, third])
+    assert [t["role"] for t in joined] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    assert sum(t["content"].count("<image>") for t in joined) == 1 and joined[3]["content"] == "How big is it?"
+    assert first[1]["content"].startswith("<image>") and second[0]["content"].startswith("<image>")  # not mutated
+
+    picker = ConversationPicker(0, per_visit=2)
+    draws = [picker([second, third, DIALOGUE], False) for _ in range(60)]
+    answers = [tuple(t["content"] for t in d if t["role"] == "assistant") for d in draws]
+    assert all(len(set(a)) == len(a) for a in answers)  # without replacement
+    assert {len(a) for a in answers} == {2, 3}  # two one-turn ones, or one of them with the dialogue
+    assert ConversationPicker(None, per_visit=2)([second, third], False) is second  # evaluation: the first
+    with pytest.raises(ValueError, match="conversations_per_visit"):
+        ConversationPicker(0, per_visit=0)
+
+    tokenizer = build_tiny_tokenizer()
+    renderer = ConversationRenderer(tokenizer, prefix_length=4)
+    collator = ConversationCollator(tokenizer, renderer, 4, picker=ConversationPicker(0, per_visit=3))
+    batch = collator([{"conversations": [second, third, DIALOGUE]}])
+    labelled = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]
+    text = tokenizer.decode(labelled)
+    assert all(word in text for word in ("large", "circle", "red", "small")) and "shape" not in text
