@@ -56,6 +56,19 @@ class Result:
     error: str | None = None
     candidates: list[Candidate] = field(default_factory=list)  # all returned sequences, best first
 
+    @classmethod
+    def best_of(cls, group: list[Candidate], image: str) -> Result:
+        """An image's result from its candidates (best first); all of them kept when several."""
+        best = group[0]
+        return cls(
+            best.text,
+            best.score,
+            best.tokens,
+            image,
+            best.clip_score,
+            candidates=group if len(group) > 1 else [],
+        )
+
     @property
     def ok(self) -> bool:
         return self.error is None

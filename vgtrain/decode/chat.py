@@ -117,13 +117,5 @@ def chat(
             xattn=decoder.model.xattn,
         )
         for (index, _), group in zip(loaded, get_strategy(strategy).decode(job, options), strict=True):
-            best = group[0]
-            results[index] = Result(
-                best.text,
-                best.score,
-                best.tokens,
-                names[index],
-                best.clip_score,
-                candidates=group if len(group) > 1 else [],
-            )
+            results[index] = Result.best_of(group, names[index])
     return [result for result in results if result is not None]

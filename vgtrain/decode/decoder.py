@@ -206,15 +206,7 @@ class VisualDecoder:
                 )
             groups = self.decode(features, [prompts[i] for i, _ in chunk], strategy, **options)
             for (index, _), group in zip(chunk, groups, strict=True):
-                best = group[0]
-                results[index] = Result(
-                    best.text,
-                    best.score,
-                    best.tokens,
-                    names[index],
-                    best.clip_score,
-                    candidates=group if len(group) > 1 else [],
-                )
+                results[index] = Result.best_of(group, names[index])
         return [result for result in results if result is not None]
 
 
