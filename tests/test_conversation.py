@@ -213,12 +213,16 @@ def test_several_conversations_of_an_image_join_into_one_training_sample():
         {"role": "user", "content": "<image>\nWhat color is it?"},
         {"role": "assistant", "content": "red"},
     ]
-    second = [{"role": "user", "content": "<image> How big is it?"}, {"role": "assistant", "content": "large"}]
+    second = [
+        {"role": "user", "content": "<image> How big is it?"},
+        {"role": "assistant", "content": "large"},
+    ]
     third = [{"role": "user", "content": "What shape?"}, {"role": "assistant", "content": "circle"}]
     joined = join_conversations([first, second, third])
-    assert [t["role"] for t in joined] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
-    assert sum(t["content"].count("<image>") for t in joined) == 1 and joined[3]["content"] == "How big is it?"
-    assert first[1]["content"].startswith("<image>") and second[0]["content"].startswith("<image>")  # not mutated
+    assert [t["role"] for t in joined] == ["system"] + ["user", "assistant"] * 3
+    assert sum(t["content"].count("<image>") for t in joined) == 1
+    assert joined[3]["content"] == "How big is it?"
+    assert second[0]["content"] == "<image> How big is it?"  # the inputs are not changed
 
     picker = ConversationPicker(0, per_visit=2)
     draws = [picker([second, third, DIALOGUE], False) for _ in range(60)]

@@ -114,7 +114,9 @@ def join_conversations(conversations: Sequence[Conversation]) -> Conversation:
                 continue
             key = "content" if "content" in turn else "value"
             text = str(turn.get(key, ""))
-            joined.append({**turn, key: text.replace(IMAGE_TOKEN, "").strip()} if IMAGE_TOKEN in text else turn)
+            if IMAGE_TOKEN in text:
+                turn = {**turn, key: text.replace(IMAGE_TOKEN, "").strip()}
+            joined.append(turn)
     return joined
 
 
