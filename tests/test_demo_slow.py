@@ -29,7 +29,7 @@ def test_demo_learns_from_the_image(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["val/exact_match"] >= 0.5
+    assert metrics["val/exact_match"] >= 0.85  # issue 13: 0.938 measured (3,300 bf16 steps, 492 s)
     assert metrics["val/token_accuracy"] >= 0.93
     assert metrics["val_shuffled/exact_match"] <= 0.05
     assert metrics["wall_seconds"] <= 600
