@@ -33,8 +33,8 @@ from vgtrain.data.synthetic import (
     Shape,
     _cell_index,
     _chunks,
+    _complete_dataset,
     _layout,
-    _load_manifest,
     _png_bytes,
     caption,
     render,
@@ -307,18 +307,9 @@ def write_shapes_vqa_dataset(
         "dialogue_share": dialogue_share,
     }
     layout = _layout(out_dir, counts, samples_per_shard)
-    manifest_path = out_dir / "manifest.json"
-    existing = _load_manifest(manifest_path)
-    if (
-        existing is not None
-        and existing.get("options") == options
-        and existing.get("patterns") == layout["patterns"]
-        and all((out_dir / name).is_file() for names in layout["shards"].values() for name in names)
-        and (out_dir / CORPUS_FILE).is_file()
-    ):
+    existing = _complete_dataset(out_dir, options, layout, extra_files=(CORPUS_FILE,))
+    if existing is not None:
         return existing
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path.unlink(missing_ok=True)
     per_split: dict[str, Callable[[], Iterator[dict[str, Any]]]] = {
         split: (
             lambda split=split: _split_samples(
@@ -349,5 +340,5 @@ def write_shapes_vqa_dataset(
         "num_shards": {split: math.ceil(n / samples_per_shard) for split, n in counts.items()},
         "corpus": CORPUS_FILE,
     }
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest

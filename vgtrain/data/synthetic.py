@@ -275,19 +275,9 @@ def write_shapes_dataset(
         "seed": seed,
     }
     layout = _layout(out_dir, counts, samples_per_shard)
-    manifest_path = out_dir / "manifest.json"
-    existing = _load_manifest(manifest_path)
-    if (
-        existing is not None
-        and existing.get("options") == options
-        and existing.get("patterns") == layout["patterns"]  # same folder (not moved)
-        and all((out_dir / name).is_file() for names in layout["shards"].values() for name in names)
-    ):
+    existing = _complete_dataset(out_dir, options, layout)
+    if existing is not None:
         return existing
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Drop a stale manifest first: a crash below must not leave it vouching for mixed shards.
-    manifest_path.unlink(missing_ok=True)
     with tqdm(total=sum(counts.values()), desc="shapes dataset", unit="img", disable=not progress) as bar:
         for split in SPLITS:
             samples = _split_samples(split, counts[split], image_size, seed)
@@ -305,8 +295,29 @@ def write_shapes_dataset(
         "heldout_pairs": [list(p) for p in sorted(HELDOUT_PAIRS)],
         "vocabulary": caption_vocabulary(),
     }
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _complete_dataset(
+    out_dir: Path, options: dict[str, Any], layout: dict[str, Any], extra_files: tuple[str, ...] = ()
+) -> dict[str, Any] | None:
+    """The manifest of a complete dataset written with ``options`` into this folder (not moved),
+    all its shards and ``extra_files`` present; else None, with any stale manifest removed (so a
+    crash while rewriting cannot leave it vouching for mixed shards) and the folder made."""
+    manifest_path = out_dir / "manifest.json"
+    existing = _load_manifest(manifest_path)
+    names = [name for split in layout["shards"].values() for name in split] + list(extra_files)
+    if (
+        existing is not None
+        and existing.get("options") == options
+        and existing.get("patterns") == layout["patterns"]
+        and all((out_dir / name).is_file() for name in names)
+    ):
+        return existing
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path.unlink(missing_ok=True)
+    return None
 
 
 def _load_manifest(path: Path) -> dict[str, Any] | None:
