@@ -121,6 +121,7 @@ def build_datamodule(cfg: DictConfig, module: CaptioningModule) -> CaptionDataMo
         samples_per_epoch=data.get("samples_per_epoch"),
         device_resident=data.get("device_resident", False),
         feature_needs=module.model.feature_needs(),
+        length_group_batches=int(data.get("length_group_batches", 0)),
     )
 
 

@@ -69,6 +69,11 @@ def references(turn: dict[str, Any]) -> list[str]:
     return listed or [str(turn.get("content", turn.get("value", "")))]
 
 
+Visit = tuple[int, ...]
+"""What one training visit of a sample reads: the indices of its conversations, in order (joined
+into one when several); ``()`` is the caption."""
+
+
 class ConversationPicker:
     """Which text a training visit uses: the sample's conversations or (with probability
     ``caption_share``, when the sample has a caption) the caption. With ``seed=None``
@@ -76,7 +81,11 @@ class ConversationPicker:
 
     ``per_visit`` > 1 joins that many of the sample's conversations (drawn without replacement,
     in random order) into one multi-turn conversation, as LLaVA's multi-turn samples: the image
-    is encoded once and every answer is supervised, instead of one or two tokens a visit."""
+    is encoded once and every answer is supervised, instead of one or two tokens a visit.
+
+    Streamed samples are drawn for here, one by one; cached training data is drawn for by its
+    sampler (:class:`~vgtrain.training.visit_sampler.VisitSampler`) with :meth:`choose`, so that
+    it knows each visit's length before it batches them."""
 
     def __init__(self, seed: int | None, caption_share: float = 0.0, per_visit: int = 1) -> None:
         if not 0.0 <= caption_share <= 1.0:
@@ -96,12 +105,35 @@ class ConversationPicker:
         if self._rng is None:
             info = torch.utils.data.get_worker_info()  # one stream per DataLoader worker
             self._rng = random.Random(f"{self.seed}:{info.id if info else -1}")
-        if has_caption and self.caption_share > 0 and self._rng.random() < self.caption_share:
-            return None
-        if self.per_visit == 1 or len(conversations) == 1:
-            return self._rng.choice(conversations)
-        drawn = self._rng.sample(conversations, min(self.per_visit, len(conversations)))
-        return join_conversations(drawn)
+        return visit_conversation(conversations, self.choose(self._rng, len(conversations), has_caption))
+
+    def choose(self, rng: random.Random, count: int, has_caption: bool) -> Visit:
+        """A visit of a sample with ``count`` conversations, drawn with ``rng``."""
+        if count == 0:
+            return ()
+        if has_caption and self.caption_share > 0 and rng.random() < self.caption_share:
+            return ()
+        if self.per_visit == 1 or count == 1:
+            return (rng.randrange(count),)
+        return tuple(rng.sample(range(count), min(self.per_visit, count)))
+
+
+def visit_conversation(conversations: Sequence[Conversation], visit: Visit) -> Conversation | None:
+    """The conversation a visit trains on (None: the caption)."""
+    if not visit:
+        return None
+    if len(visit) == 1:
+        return conversations[visit[0]]
+    return join_conversations([conversations[i] for i in visit])
+
+
+def visit_length(caption: str, conversations: Sequence[Conversation], visit: Visit) -> int:
+    """A visit's text length in characters: a cheap stand-in for its token count (what
+    length-grouped batching sorts by), counting each turn's template as a few characters."""
+    if not visit:
+        return len(caption)
+    turns = [turn for i in visit for turn in conversations[i]]
+    return sum(len(str(turn.get("content", turn.get("value", "")))) + 8 for turn in turns)
 
 
 def join_conversations(conversations: Sequence[Conversation]) -> Conversation:

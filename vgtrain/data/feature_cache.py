@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from vgtrain.data.conversation import Visit, visit_conversation, visit_length
 from vgtrain.data.feature_encoder import FeatureEncoder, encode_overlapped
 from vgtrain.models.backbones.vision import VisionBackbone
 
@@ -55,7 +56,13 @@ class CachedFeatures(Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | tuple[int, Visit]) -> dict[str, Any]:
+        """The sample at ``index``; at ``(index, visit)`` (a training sampler's draw, see
+        :class:`~vgtrain.training.visit_sampler.VisitSampler`) with the ``conversation`` that
+        visit trains on (None: the caption) for the collator to render."""
+        visit: Visit | None = None
+        if isinstance(index, tuple):
+            index, visit = index
         item = {
             "tokens": self.tokens[index],
             "pooled": self.pooled[index],
@@ -64,7 +71,15 @@ class CachedFeatures(Dataset):
         }
         if self.conversations is not None and self.conversations[index]:
             item["conversations"] = self.conversations[index]
+        if visit is not None:
+            item["conversation"] = visit_conversation(item.get("conversations") or [], visit)
         return item
+
+    def visit_length(self, index: int, visit: Visit) -> int:
+        return visit_length(self.captions[index], self.conversation_lists(index), visit)
+
+    def conversation_lists(self, index: int) -> list[list[Any]]:
+        return (self.conversations[index] or []) if self.conversations is not None else []
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vgtrain.data.collate import CaptionCollator
+from vgtrain.data.conversation import ConversationPicker
 from vgtrain.data.device_store import DeviceFeatureStore, gather_cached
 from vgtrain.data.feature_cache import CachedFeatures, compute_features
 from vgtrain.data.feature_store import cached_decoder, cached_urls
@@ -20,6 +21,7 @@ from vgtrain.errors import ConfigError
 from vgtrain.models.backbones.vision import VisionBackbone
 from vgtrain.training.device_data import build_store, device_train_loader
 from vgtrain.training.resumable import ResumableDataLoader, ResumableSampler
+from vgtrain.training.visit_sampler import VisitSampler
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,20 @@ class CaptionDataModule(L.LightningDataModule):
         use_cached_features: bool = False,
         device_resident: bool = False,
         feature_needs: set[str] | None = None,
+        length_group_batches: int = 0,
     ) -> None:
         super().__init__()
+        if length_group_batches and not cache_features:
+            raise ConfigError(
+                "data.length_group_batches groups the in-memory feature cache's batches by length; "
+                "it needs data.cache_features=true (set it to 0 otherwise)"
+            )
+        if length_group_batches and device_resident:
+            raise ConfigError(
+                "data.length_group_batches does not apply to device-resident data; set "
+                "data.device_resident=false (or data.length_group_batches=0)"
+            )
+        self.length_group_batches = length_group_batches
         # Applies to cached features only (either kind); images are decoded per step, on the host.
         self.device_resident = device_resident and (cache_features or use_cached_features)
         # The features the adapter reads; a device-resident store keeps only those.
@@ -175,11 +189,9 @@ class CaptionDataModule(L.LightningDataModule):
             if self._store is None:
                 self._store = build_store(self.train_cache, self.collator, self.feature_needs, trainer)
             return device_train_loader(self._store, trainer, self.batch_size, self.seed, skipped)
-        sampler = ResumableSampler(
-            self.train_cache,
+        sampler = self.cached_sampler(
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
-            seed=self.seed,
         )
         return ResumableDataLoader(
             self.train_cache,
@@ -187,6 +199,23 @@ class CaptionDataModule(L.LightningDataModule):
             sampler=sampler,
             drop_last=True,
             collate_fn=_ReportOnce(self.collator, skipped),
+        )
+
+    def cached_sampler(self, *, num_replicas: int, rank: int) -> ResumableSampler:
+        """The in-memory cache's training order. Conversation data draws each visit's text in
+        the sampler (so it can group batches by length); caption data just shuffles."""
+        assert self.train_cache is not None
+        picker = getattr(self.collator, "picker", None)
+        if picker is None and not self.length_group_batches:
+            return ResumableSampler(self.train_cache, num_replicas=num_replicas, rank=rank, seed=self.seed)
+        return VisitSampler(
+            self.train_cache,
+            picker or ConversationPicker(self.seed),
+            batch_size=self.batch_size,
+            group_batches=self.length_group_batches,
+            num_replicas=num_replicas,
+            rank=rank,
+            seed=self.seed,
         )
 
     def val_dataloader(self) -> DataLoader | list[Any]:

@@ -30,12 +30,16 @@ class ResumableSampler(DistributedSampler):
     def skip_in_epoch(self, epoch: int, count: int) -> None:
         self._skip = (epoch, count)
 
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+    def epoch_order(self) -> list[Any]:
+        """This rank's items of the current epoch, in order: a pure function of (seed, epoch)."""
+        return list(super().__iter__())
+
+    def __iter__(self) -> Iterator[Any]:
+        items = self.epoch_order()
         if self._skip is not None and self._skip[0] == self.epoch:
-            indices = indices[self._skip[1] :]
+            items = items[self._skip[1] :]
         self._skip = None  # applies to the first iteration after a resume only
-        return iter(indices)
+        return iter(items)
 
 
 class ResumableDataLoader(DataLoader):
