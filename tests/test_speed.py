@@ -123,3 +123,15 @@ def test_frozen_bf16_llm_with_cross_attention_trains_a_step():
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(p.grad is not None for p in module.model.xattn.parameters() if p.requires_grad)
+
+
+def test_compiled_forward_gives_the_eager_loss(monkeypatch):
+    """trainer.compile: the step runs through the compiled module (which, unlike a plain module,
+    has no truth value) and gives the eager loss. The eager backend keeps the test fast; what
+    is checked is vgtrain's side of the wrapping, not inductor."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **options: real_compile(model, backend="eager", **options))
+    eager, compiled = _module(), _module(compile=True)
+    batch = _fixed_batch(eager.model)
+    assert compiled.__dict__["_compiled"] is not None
+    assert _loss(compiled, batch) == pytest.approx(_loss(eager, batch), abs=1e-6)

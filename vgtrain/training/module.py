@@ -68,7 +68,8 @@ class CaptioningModule(L.LightningModule):
     def forward_step(self, *args: Any, **kwargs: Any) -> PrefixLMOutput:
         """The model's forward, compiled when ``trainer.compile`` is on."""
         with attention_context(self.speed, self.device):
-            return (self.__dict__["_compiled"] or self.model)(*args, **kwargs)
+            compiled = self.__dict__["_compiled"]  # not `or`: a compiled module has no truth value
+            return (compiled if compiled is not None else self.model)(*args, **kwargs)
 
     def on_fit_start(self) -> None:
         self.backbone_facts()  # weight digests of the backbones as built, before any dtype change
