@@ -1,8 +1,13 @@
 """The VQA demo data: answers follow from the scene, follow-ups need the history, phrasings split."""
 
+import json
 import re
+import tarfile
 
-from vgtrain.data.shapes_vqa import PHRASINGS, QUESTION_TYPES, _scenes
+import pytest
+import webdataset as wds
+
+from vgtrain.data.shapes_vqa import PHRASINGS, QUESTION_TYPES, _scenes, write_shapes_vqa_dataset
 from vgtrain.data.synthetic import COLORS, SHAPES, SIZES
 
 COLOR = "(?:" + "|".join(COLORS) + ")"
@@ -49,3 +54,46 @@ def test_answers_follow_from_the_scene_and_phrasings_are_split():
                     elif kind == "followup":
                         assert " it" in text  # only the first turn says which object
     assert seen == set(QUESTION_TYPES)
+
+
+def test_training_type_weights_skew_training_questions_only(tmp_path):
+    """data.synthetic.train_type_weights: the training split asks the weighted types more often;
+    val and phrasing (scored) are the very same shards as without weights; unknown types are
+    refused by name."""
+    weights = {"yes_no": 4.0, "size": 0.0}
+
+    def write(folder, type_weights=None):
+        return write_shapes_vqa_dataset(
+            tmp_path / folder,
+            num_train=150,
+            num_val=20,
+            num_phrasing=20,
+            samples_per_shard=200,
+            conversations_per_image=4,
+            dialogue_share=0.0,
+            train_type_weights=type_weights,
+            progress=False,
+        )
+
+    def types(folder, split):
+        texts = [
+            json.loads(sample["json"])["conversations"]
+            for sample in wds.WebDataset(str(tmp_path / folder / f"{split}-000000.tar"), shardshuffle=False)
+        ]
+        return [c[1]["type"] for conversations in texts for c in conversations]
+
+    write("plain"), write("skewed", weights)
+    plain, skewed = types("plain", "train"), types("skewed", "train")
+    assert skewed.count("size") == 0 < plain.count("size")
+    assert skewed.count("yes_no") > 2 * plain.count("yes_no")
+    for split in ("val", "phrasing"):
+        assert types("plain", split) == types("skewed", split)
+        name = f"{split}-000000.tar"
+        assert _members(tmp_path / "plain" / name) == _members(tmp_path / "skewed" / name)
+    with pytest.raises(ValueError, match="unknown type.*colour"):
+        write("bad", {"colour": 2.0})
+
+
+def _members(shard):
+    with tarfile.open(shard) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]

@@ -143,9 +143,12 @@ def _position(scene: Scene, obj: Shape) -> str:
 class QuestionMaker:
     """Draws (question, answer, type) for a scene with one RNG and one phrasing set."""
 
-    def __init__(self, rng: random.Random, heldout_phrasing: bool) -> None:
+    def __init__(
+        self, rng: random.Random, heldout_phrasing: bool, type_weights: dict[str, float] | None = None
+    ) -> None:
         self.rng = rng
         self.pick = 1 if heldout_phrasing else 0
+        self.type_weights = type_weights
 
     def phrase(self, key: str, **fields: str) -> str:
         return self.rng.choice(PHRASINGS[key][self.pick]).format(**fields)
@@ -231,7 +234,10 @@ class QuestionMaker:
                 {"role": "user", "content": follow_q},
                 {"role": "assistant", "content": follow_a, "type": "followup"},
             ]
-        kind = self.rng.choice(kinds)
+        if self.type_weights is None:
+            kind = self.rng.choice(kinds)
+        else:
+            kind = self.rng.choices(kinds, weights=[self.type_weights.get(k, 1.0) for k in kinds])[0]
         question, answer, _ = self.question(scene, kind)
         return [{"role": "user", "content": question}, {"role": "assistant", "content": answer, "type": kind}]
 
@@ -241,20 +247,32 @@ def _yes(truth: bool) -> str:
 
 
 def _scenes(
-    split: str, count: int, image_size: int, seed: int, per_image: int, dialogue_share: float
+    split: str,
+    count: int,
+    image_size: int,
+    seed: int,
+    per_image: int,
+    dialogue_share: float,
+    type_weights: dict[str, float] | None = None,
 ) -> Iterator[tuple[Scene, list[list[dict[str, str]]]]]:
     """(scene, its conversations) for a split; one RNG stream per split, as the captioning data."""
     rng = random.Random(f"vgtrain-shapes-vqa:{seed}:{split}")
-    maker = QuestionMaker(rng, heldout_phrasing=split == "phrasing")
+    maker = QuestionMaker(rng, heldout_phrasing=split == "phrasing", type_weights=type_weights)
     for _ in range(count):
         scene = sample_scene(rng, image_size, ALL_PAIRS)
         yield scene, [maker.conversation(scene, rng.random() < dialogue_share) for _ in range(per_image)]
 
 
 def _split_samples(
-    split: str, count: int, image_size: int, seed: int, per_image: int, dialogue_share: float
+    split: str,
+    count: int,
+    image_size: int,
+    seed: int,
+    per_image: int,
+    dialogue_share: float,
+    type_weights: dict[str, float] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    scenes = _scenes(split, count, image_size, seed, per_image, dialogue_share)
+    scenes = _scenes(split, count, image_size, seed, per_image, dialogue_share, type_weights)
     for i, (scene, conversations) in enumerate(scenes):
         yield {
             "__key__": f"{split}_{i:07d}",
@@ -289,11 +307,24 @@ def write_shapes_vqa_dataset(
     conversations_per_image: int = 6,
     eval_conversations_per_image: int = 4,
     dialogue_share: float = 0.3,
+    train_type_weights: dict[str, float] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Writes train/val/phrasing shards and ``manifest.json`` (last: its presence means the
     dataset is complete). Deterministic in the options; an existing complete dataset with the
-    same options is returned as it is."""
+    same options is returned as it is.
+
+    ``train_type_weights`` (question type -> weight, default 1) skews the training split's
+    one-turn questions towards some types (those a model learns last); val and phrasing keep
+    every type equally likely, so scores stay comparable."""
+    unknown = sorted(
+        set(train_type_weights or {}) - set(QUESTION_TYPES) | ({"followup"} & set(train_type_weights or {}))
+    )
+    if unknown or any(w < 0 for w in (train_type_weights or {}).values()):
+        raise ValueError(
+            f"data.synthetic.train_type_weights: unknown type(s) {unknown} or a negative weight; "
+            f"types: {', '.join(t for t in QUESTION_TYPES if t != 'followup')}"
+        )
     out_dir = Path(out_dir).resolve()
     counts = {"train": num_train, "val": num_val, "phrasing": num_phrasing}
     options = {
@@ -306,6 +337,8 @@ def write_shapes_vqa_dataset(
         "eval_conversations_per_image": eval_conversations_per_image,
         "dialogue_share": dialogue_share,
     }
+    if train_type_weights:  # only when set: datasets written before the option keep their options
+        options["train_type_weights"] = dict(sorted(train_type_weights.items()))
     layout = _layout(out_dir, counts, samples_per_shard)
     existing = _complete_dataset(out_dir, options, layout, extra_files=(CORPUS_FILE,))
     if existing is not None:
@@ -319,6 +352,7 @@ def write_shapes_vqa_dataset(
                 seed,
                 conversations_per_image if split == "train" else eval_conversations_per_image,
                 dialogue_share,
+                train_type_weights if split == "train" else None,
             )
         )
         for split in SPLITS
