@@ -3,6 +3,7 @@ import torch
 
 from vgtrain.models.backbones.vision import VisualFeatures
 from vgtrain.models.mapper import MAPPERS, build_mapper
+from vgtrain.models.positions import patch_positions
 
 
 @pytest.mark.parametrize(
@@ -54,3 +55,26 @@ def test_each_sample_gets_its_own_prefix():
 def test_unknown_mapper_is_refused():
     with pytest.raises(ValueError, match="registered: " + ", ".join(sorted(MAPPERS))):
         build_mapper("resampler", vision_token_dim=8, vision_embed_dim=8, out_dim=8)
+
+
+def test_patch_positions_start_at_the_grid_rows_and_columns():
+    """The learned position embedding starts at the 2-D sine-cosine table: tokens of one row
+    share its first half, tokens of one column its second, every token differs from every other
+    by a margin at the features' scale, and non-square counts get 1-D positions."""
+    table = patch_positions(16, 64).detach()
+    grid = table.view(4, 4, 64)
+    assert torch.allclose(grid[:, :1, :32].expand(4, 4, 32), grid[..., :32])  # rows: first half
+    assert torch.allclose(grid[:1, :, 32:].expand(4, 4, 32), grid[..., 32:])  # columns: second half
+    distances = torch.cdist(table, table) + torch.eye(16) * 1e3
+    assert distances.min() > 0.5 and 0.3 < table.std() < 1.0
+    assert patch_positions(10, 7).shape == (10, 7) and patch_positions(10, 7).requires_grad
+    mapper = build_mapper(
+        "transformer",
+        vision_token_dim=8,
+        vision_embed_dim=8,
+        out_dim=8,
+        width=32,
+        num_heads=2,
+        num_input_tokens=16,
+    )
+    assert torch.equal(mapper.input_pos.detach(), patch_positions(16, 32).detach())

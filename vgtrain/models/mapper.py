@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vgtrain.models.backbones.vision import VisualFeatures
+from vgtrain.models.positions import patch_positions
 from vgtrain.models.resampler import PerceiverResampler
 
 Source = Literal["pooled", "tokens"]
@@ -95,9 +96,7 @@ class TransformerMapper(Mapper):
         else:
             self.input_proj = nn.Linear(in_dim, width)
         # Attention is blind to order: patch tokens need to say where they sit in the image.
-        self.input_pos = (
-            nn.Parameter(torch.randn(num_input_tokens, width) * 0.02) if num_input_tokens else None
-        )
+        self.input_pos = patch_positions(num_input_tokens, width) if num_input_tokens else None
         self.queries = nn.Parameter(torch.randn(prefix_length, width) * 0.02)
         layer = nn.TransformerEncoderLayer(
             width,

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vgtrain.models.positions import patch_positions
+
 
 class PerceiverLayer(nn.Module):
     def __init__(self, width: int, num_heads: int, ff_mult: int) -> None:
@@ -51,9 +53,7 @@ class PerceiverResampler(nn.Module):
         self.width = width
         self.num_latents = num_latents
         self.input_proj = nn.Linear(in_dim, width)
-        self.input_pos = (
-            nn.Parameter(torch.randn(num_input_tokens, width) * 0.02) if num_input_tokens else None
-        )
+        self.input_pos = patch_positions(num_input_tokens, width) if num_input_tokens else None
         self.latents = nn.Parameter(torch.randn(num_latents, width) * 0.02)
         self.layers = nn.ModuleList(PerceiverLayer(width, num_heads, ff_mult) for _ in range(num_layers))
         self.norm = nn.LayerNorm(width)
