@@ -130,7 +130,9 @@ def test_compiled_forward_gives_the_eager_loss(monkeypatch):
     has no truth value) and gives the eager loss. The eager backend keeps the test fast; what
     is checked is vgtrain's side of the wrapping, not inductor."""
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **options: real_compile(model, backend="eager", **options))
+    monkeypatch.setattr(
+        torch, "compile", lambda model, **options: real_compile(model, backend="eager", **options)
+    )
     eager, compiled = _module(), _module(compile=True)
     batch = _fixed_batch(eager.model)
     assert compiled.__dict__["_compiled"] is not None

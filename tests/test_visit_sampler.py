@@ -42,7 +42,8 @@ def _padding(cache: CachedFeatures, order: list, batch_size: int) -> float:
     """Share of padded positions when ``order`` is cut into batches padded to their longest."""
     lengths = [cache.visit_length(*item) for item in order]
     padded = sum(
-        max(lengths[i : i + batch_size]) * batch_size for i in range(0, len(lengths) - batch_size + 1, batch_size)
+        max(lengths[i : i + batch_size]) * batch_size
+        for i in range(0, len(lengths) - batch_size + 1, batch_size)
     )
     used = sum(lengths[: len(lengths) // batch_size * batch_size])
     return 1 - used / padded

