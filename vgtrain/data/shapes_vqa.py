@@ -264,15 +264,9 @@ def _scenes(
 
 
 def _split_samples(
-    split: str,
-    count: int,
-    image_size: int,
-    seed: int,
-    per_image: int,
-    dialogue_share: float,
-    type_weights: dict[str, float] | None = None,
+    split: str, scenes: Iterator[tuple[Scene, list[list[dict[str, str]]]]], image_size: int
 ) -> Iterator[dict[str, Any]]:
-    scenes = _scenes(split, count, image_size, seed, per_image, dialogue_share, type_weights)
+    """The shard samples of a split's scenes (see :func:`_scenes`)."""
     for i, (scene, conversations) in enumerate(scenes):
         yield {
             "__key__": f"{split}_{i:07d}",
@@ -347,12 +341,16 @@ def write_shapes_vqa_dataset(
         split: (
             lambda split=split: _split_samples(
                 split,
-                counts[split],
+                _scenes(
+                    split,
+                    counts[split],
+                    image_size,
+                    seed,
+                    conversations_per_image if split == "train" else eval_conversations_per_image,
+                    dialogue_share,
+                    (weights or None) if split == "train" else None,
+                ),
                 image_size,
-                seed,
-                conversations_per_image if split == "train" else eval_conversations_per_image,
-                dialogue_share,
-                train_type_weights if split == "train" else None,
             )
         )
         for split in SPLITS
