@@ -52,6 +52,26 @@ def test_each_sample_gets_its_own_prefix():
     assert not torch.allclose(prefix[0], prefix[1])
 
 
+def test_transformer_mapper_can_pass_every_visual_token_on():
+    """output=inputs: no queries, one prefix embedding per visual token, each from its own place
+    (moving one patch's features changes the prefix there most); a prefix_length that disagrees
+    with the token count is refused by name."""
+    options = dict(vision_token_dim=8, vision_embed_dim=8, out_dim=12, width=16, num_layers=1, num_heads=2)
+    mapper = build_mapper("transformer", prefix_length=None, output="inputs", num_input_tokens=4, **options)
+    assert mapper.prefix_length == 4 and mapper.queries is None
+    features = VisualFeatures(tokens=torch.randn(2, 4, 8), pooled=torch.randn(2, 8))
+    prefix = mapper(features)
+    assert prefix.shape == (2, 4, 12)
+    changed = features.tokens.clone()
+    changed[:, 2] += 3.0
+    delta = (mapper(VisualFeatures(changed, features.pooled)) - prefix).norm(dim=-1)
+    assert (delta.argmax(dim=1) == 2).all()
+    with pytest.raises(ValueError, match="set prefix_length to 4 or null, not 8"):
+        build_mapper("transformer", prefix_length=8, output="inputs", num_input_tokens=4, **options)
+    with pytest.raises(ValueError, match="output must be queries or inputs"):
+        build_mapper("transformer", prefix_length=8, output="patches", num_input_tokens=4, **options)
+
+
 def test_unknown_mapper_is_refused():
     with pytest.raises(ValueError, match="registered: " + ", ".join(sorted(MAPPERS))):
         build_mapper("resampler", vision_token_dim=8, vision_embed_dim=8, out_dim=8)

@@ -69,6 +69,10 @@ class TransformerMapper(Mapper):
     With ``source="pooled"`` the pooled embedding is first expanded into ``clip_length`` tokens
     (as in ClipCap); with ``source="tokens"`` the patch tokens are the inputs. Inputs and
     queries go through one pre-norm transformer encoder and the query outputs are the prefix.
+
+    ``output="inputs"`` has no queries: the encoder's output at every input token is the prefix
+    (``prefix_length`` = the number of inputs), as LLaVA's projector passes every patch token on.
+    The LLM then reads each place of the image itself instead of a summary of K tokens.
     """
 
     source: Source = "tokens"
@@ -77,7 +81,7 @@ class TransformerMapper(Mapper):
         self,
         in_dim: int,
         out_dim: int,
-        prefix_length: int = 10,
+        prefix_length: int | None = 10,
         source: Source = "tokens",
         width: int = 256,
         num_layers: int = 2,
@@ -86,9 +90,25 @@ class TransformerMapper(Mapper):
         clip_length: int = 10,
         dropout: float = 0.0,
         num_input_tokens: int | None = None,
+        output: Literal["queries", "inputs"] = "queries",
     ) -> None:
+        if output not in ("queries", "inputs"):
+            raise ValueError(f"transformer mapper output must be queries or inputs, got {output!r}")
+        num_inputs = clip_length if source == "pooled" else num_input_tokens
+        if output == "inputs":
+            if num_inputs is None:
+                raise ValueError("output=inputs needs the number of visual tokens (num_input_tokens)")
+            if prefix_length not in (None, num_inputs):
+                raise ValueError(
+                    f"output=inputs makes the prefix one embedding per visual input ({num_inputs}); "
+                    f"set prefix_length to {num_inputs} or null, not {prefix_length}"
+                )
+            prefix_length = num_inputs
+        elif prefix_length is None:
+            raise ValueError("the transformer mapper needs prefix_length (its number of queries)")
         super().__init__(prefix_length)
         self.source = source
+        self.output = output
         self.clip_length = clip_length
         if source == "pooled":
             self.input_proj: nn.Module = nn.Linear(in_dim, clip_length * width)
@@ -97,7 +117,9 @@ class TransformerMapper(Mapper):
             self.input_proj = nn.Linear(in_dim, width)
         # Attention is blind to order: patch tokens need to say where they sit in the image.
         self.input_pos = patch_positions(num_input_tokens, width) if num_input_tokens else None
-        self.queries = nn.Parameter(torch.randn(prefix_length, width) * 0.02)
+        self.queries = (
+            nn.Parameter(torch.randn(prefix_length, width) * 0.02) if output == "queries" else None
+        )
         layer = nn.TransformerEncoderLayer(
             width,
             num_heads,
@@ -117,6 +139,8 @@ class TransformerMapper(Mapper):
             x = x.view(x.shape[0], self.clip_length, -1)
         if self.input_pos is not None:
             x = x + self.input_pos
+        if self.queries is None:
+            return self.output_proj(self.norm(self.encoder(x)))
         queries = self.queries.unsqueeze(0).expand(x.shape[0], -1, -1)
         hidden = self.encoder(torch.cat([x, queries], dim=1))
         return self.output_proj(self.norm(hidden[:, -self.prefix_length :]))
