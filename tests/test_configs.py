@@ -140,7 +140,8 @@ def test_any_mapper_can_be_chosen_on_top_of_any_experiment(experiment, mapper):
     name = options.pop("name")
     assert name == OmegaConf.load(CONF_DIR / "model" / "mapper" / f"{mapper}.yaml").get("name", name)
     width = 32
-    options.update(prefix_length=2) if "prefix_length" in options else None
+    if options.get("prefix_length") is not None:  # null: one prefix embedding per visual token
+        options["prefix_length"] = 2
     small = {
         key: value
         for key, value in {"width": width, "num_layers": 1, "num_heads": 2}.items()

@@ -124,6 +124,31 @@ def test_image_goes_at_the_start_of_the_first_user_turn_or_where_marked(name):
     assert "".join(tokenizer.decode(encoded.ids[: encoded.image_index]).split()).endswith("Look:")
 
 
+@pytest.mark.parametrize("name", ["plain (tiny, gpt2, opt)", "qwen2.5 (ChatML)"])
+def test_image_place_after_puts_the_image_after_the_first_question(name):
+    """model.chat.image_place=after: the first user turn's text, then the image, then the rest
+    (the plain template's " A:" and the answers); labels as before; a marked conversation keeps
+    its own place; an unknown place or chat key is refused by name."""
+    tokenizer = TEMPLATES[name][0]()
+    chat = {"template": TEMPLATES[name][1], "image_place": "after"}
+    renderer = ConversationRenderer.from_config(tokenizer, chat, prefix_length=2)
+    encoded = renderer.encode(DIALOGUE)
+    before = "".join(tokenizer.decode(encoded.ids[: encoded.image_index]).split())
+    after = "".join(tokenizer.decode(encoded.ids[encoded.image_index :]).split())
+    assert before.endswith("Whatcoloristhecircle?") and "red" not in before
+    assert after.startswith(("A:red", "<|im_end|>"))
+    default = ConversationRenderer.from_config(tokenizer, {"template": chat["template"]}, prefix_length=2)
+    assert [t for t, keep in zip(encoded.ids, encoded.loss_mask) if keep] == [
+        t for t, keep in zip(default.encode(DIALOGUE).ids, default.encode(DIALOGUE).loss_mask) if keep
+    ]
+    marked = [{"role": "user", "content": "<image> What color is the circle?"}, DIALOGUE[1]]
+    assert renderer.encode(marked).image_index == default.encode(marked).image_index
+    with pytest.raises(ConversationError, match="image_place must be before or after"):
+        ConversationRenderer.from_config(tokenizer, {"image_place": "middle"}, prefix_length=2)
+    with pytest.raises(ConversationError, match="model.chat has no key image; it takes template"):
+        ConversationRenderer.from_config(tokenizer, {"image": "after"}, prefix_length=2)
+
+
 def test_plain_generation_prompt_is_a_prefix_of_the_training_sequence():
     renderer = ConversationRenderer(build_tiny_tokenizer(), prefix_length=2)
     full = renderer.encode(DIALOGUE)

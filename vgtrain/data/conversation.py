@@ -251,19 +251,8 @@ def conversation_collator(
     caption_share: float = 0.0,
     conversations_per_visit: int = 1,
 ) -> ConversationCollator:
-    """The collator a ``model.chat`` config block asks for (keys: template, plain, system)."""
-    unknown = sorted(set(chat) - {"template", "plain", "system"})
-    if unknown:
-        raise ConversationError(
-            f"model.chat has no key {', '.join(unknown)}; it takes template, plain, system"
-        )
-    renderer = ConversationRenderer(
-        tokenizer,
-        template=chat.get("template", "auto"),
-        plain=chat.get("plain"),
-        system=chat.get("system"),
-        prefix_length=prefix_length,
-    )
+    """The collator a ``model.chat`` config block asks for (see :meth:`ConversationRenderer.from_config`)."""
+    renderer = ConversationRenderer.from_config(tokenizer, chat, prefix_length)
     return ConversationCollator(
         tokenizer,
         renderer,

@@ -67,13 +67,8 @@ def generate_answers(
 def renderer_for(decoder: Any) -> ConversationRenderer:
     """The renderer an export was trained with (its ``chat`` block), else the LLM's own chat
     template or the default plain one."""
-    config = dict(decoder.chat_config or {"template": "auto"})
-    return ConversationRenderer(
-        decoder.model.llm.tokenizer,
-        template=config.get("template", "auto"),
-        plain=config.get("plain"),
-        system=config.get("system"),
-        prefix_length=decoder.model.prefix_length,
+    return ConversationRenderer.from_config(
+        decoder.model.llm.tokenizer, decoder.chat_config, decoder.model.prefix_length
     )
 
 

@@ -28,6 +28,8 @@ from transformers import PreTrainedTokenizerBase
 
 IMAGE_TOKEN = "<image>"
 ROLES = ("system", "user", "assistant")
+IMAGE_PLACES = ("before", "after")
+CHAT_KEYS = ("template", "plain", "system", "image_place")
 
 
 class ConversationError(ValueError):
@@ -95,7 +97,10 @@ class ConversationRenderer:
     """Renders conversations for one tokenizer. ``template``: ``auto`` (the tokenizer's chat
     template if it has one, else ``plain``), ``chat`` (the tokenizer's, required) or ``plain``.
     ``prefix_length``: the visual prefix's length; 0 (cross-attention only) starts plain
-    sequences with BOS, so the first answer token is predicted from a position that sees the image."""
+    sequences with BOS, so the first answer token is predicted from a position that sees the image.
+    ``image_place``: where a conversation without an ``<image>`` marker gets its image: ``before``
+    the first user turn (LLaVA's ``<image>\n{question}``) or ``after`` its text
+    (``{question}\n<image>``), where the LLM reads the image already knowing the question."""
 
     def __init__(
         self,
@@ -105,7 +110,10 @@ class ConversationRenderer:
         plain: PlainTemplate | Mapping[str, str] | None = None,
         system: str | None = None,
         prefix_length: int = 0,
+        image_place: str = "before",
     ) -> None:
+        if image_place not in IMAGE_PLACES:
+            raise ConversationError(f"image_place must be before or after, got {image_place!r}")
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if template not in ("auto", "chat", "plain"):
             raise ConversationError(f"template must be auto, chat or plain, got {template!r}")
@@ -118,6 +126,28 @@ class ConversationRenderer:
         self.plain = plain if isinstance(plain, PlainTemplate) else PlainTemplate(**(plain or {}))
         self.system = system
         self.prefix_length = prefix_length
+        self.image_place = image_place
+
+    @classmethod
+    def from_config(
+        cls, tokenizer: PreTrainedTokenizerBase, chat: Mapping[str, Any] | None, prefix_length: int
+    ) -> ConversationRenderer:
+        """The renderer a ``model.chat`` block asks for (null: the tokenizer's chat template, or
+        the plain one); keys: template, plain, system, image_place."""
+        chat = dict(chat or {})
+        unknown = sorted(set(chat) - set(CHAT_KEYS))
+        if unknown:
+            raise ConversationError(
+                f"model.chat has no key {', '.join(unknown)}; it takes {', '.join(CHAT_KEYS)}"
+            )
+        return cls(
+            tokenizer,
+            template=chat.get("template") or "auto",
+            plain=chat.get("plain"),
+            system=chat.get("system"),
+            prefix_length=prefix_length,
+            image_place=chat.get("image_place") or "before",
+        )
 
     @property
     def kind(self) -> str:
@@ -139,6 +169,11 @@ class ConversationRenderer:
         images = count_images(turns)
         if images > 1:
             raise ConversationError(f"the conversation has {images} '{IMAGE_TOKEN}' markers; one image only")
+        if images == 0 and self.image_place == "after":
+            first_user = next(i for i, t in enumerate(turns) if t["role"] == "user")
+            turns = [dict(t) for t in turns]
+            turns[first_user]["content"] = f"{turns[first_user]['content']}\n{IMAGE_TOKEN}"
+            images = 1
         segments = (
             self._chat_segments(turns, add_generation_prompt, images == 0)
             if self.use_chat
