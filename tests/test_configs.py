@@ -218,7 +218,10 @@ def test_every_experiment_builds_and_takes_a_training_step(experiment, shapes_di
     assert isinstance(trainer, L.Trainer) and trainer.precision == cfg.trainer.precision
     assert datamodule.batch_size == cfg.data.batch_size and datamodule.num_workers == cfg.data.num_workers
     mapper_on = cfg.model.mapper.name != "none"
-    assert module.model.prefix_length == (cfg.model.mapper.prefix_length if mapper_on else 0)
+    prefix_length = cfg.model.mapper.prefix_length if mapper_on else 0
+    if prefix_length is None:  # output=inputs: one prefix embedding per visual token
+        prefix_length = module.model.vision.num_tokens
+    assert module.model.prefix_length == prefix_length
     assert (module.model.xattn is not None) == (cfg.model.xattn.name != "none")
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
     lora = (OmegaConf.select(cfg, "model.llm_adapter.name") or "none") != "none"  # trains LoRA inside the LLM

@@ -124,6 +124,10 @@ def test_image_goes_at_the_start_of_the_first_user_turn_or_where_marked(name):
     assert "".join(tokenizer.decode(encoded.ids[: encoded.image_index]).split()).endswith("Look:")
 
 
+def labelled_ids(encoded) -> list[int]:
+    return [token for token, keep in zip(encoded.ids, encoded.loss_mask, strict=True) if keep]
+
+
 @pytest.mark.parametrize("name", ["plain (tiny, gpt2, opt)", "qwen2.5 (ChatML)"])
 def test_image_place_after_puts_the_image_after_the_first_question(name):
     """model.chat.image_place=after: the first user turn's text, then the image, then the rest
@@ -138,9 +142,7 @@ def test_image_place_after_puts_the_image_after_the_first_question(name):
     assert before.endswith("Whatcoloristhecircle?") and "red" not in before
     assert after.startswith(("A:red", "<|im_end|>"))
     default = ConversationRenderer.from_config(tokenizer, {"template": chat["template"]}, prefix_length=2)
-    assert [t for t, keep in zip(encoded.ids, encoded.loss_mask) if keep] == [
-        t for t, keep in zip(default.encode(DIALOGUE).ids, default.encode(DIALOGUE).loss_mask) if keep
-    ]
+    assert labelled_ids(encoded) == labelled_ids(default.encode(DIALOGUE))
     marked = [{"role": "user", "content": "<image> What color is the circle?"}, DIALOGUE[1]]
     assert renderer.encode(marked).image_index == default.encode(marked).image_index
     with pytest.raises(ConversationError, match="image_place must be before or after"):

@@ -117,9 +117,7 @@ class TransformerMapper(Mapper):
             self.input_proj = nn.Linear(in_dim, width)
         # Attention is blind to order: patch tokens need to say where they sit in the image.
         self.input_pos = patch_positions(num_input_tokens, width) if num_input_tokens else None
-        self.queries = (
-            nn.Parameter(torch.randn(prefix_length, width) * 0.02) if output == "queries" else None
-        )
+        self.queries = nn.Parameter(torch.randn(prefix_length, width) * 0.02) if output == "queries" else None
         layer = nn.TransformerEncoderLayer(
             width,
             num_heads,
