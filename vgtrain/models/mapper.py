@@ -108,7 +108,6 @@ class TransformerMapper(Mapper):
             raise ValueError("the transformer mapper needs prefix_length (its number of queries)")
         super().__init__(prefix_length)
         self.source = source
-        self.output = output
         self.clip_length = clip_length
         if source == "pooled":
             self.input_proj: nn.Module = nn.Linear(in_dim, clip_length * width)
