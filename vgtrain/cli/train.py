@@ -82,6 +82,18 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     return instantiate(settings, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
+def pack_length(cfg: DictConfig, module: CaptioningModule) -> int:
+    """``data.pack_length``, checked against the model: packed rows hold several images'
+    prefixes, which cross-attention (one image per row) cannot read."""
+    length = int(cfg.data.get("pack_length", 0))
+    if length and (module.model.xattn is not None or module.model.mapper is None):
+        raise ConfigError(
+            f"data.pack_length={length} packs several samples into a row, each with its own visual "
+            "prefix; cross-attention reads one image per row: set data.pack_length=0 with model/xattn"
+        )
+    return length
+
+
 def build_collator(cfg: DictConfig, module: CaptioningModule) -> CaptionCollator | ConversationCollator:
     if cfg.model.get("chat"):  # conversations (and captions as one-turn ones): answer-only loss
         return conversation_collator(
@@ -93,6 +105,7 @@ def build_collator(cfg: DictConfig, module: CaptioningModule) -> CaptionCollator
             seed=cfg.seed,
             caption_share=float((cfg.data.get("mix") or {}).get("caption", 0.0)),
             conversations_per_visit=int(cfg.data.get("conversations_per_visit", 1)),
+            pack_length=pack_length(cfg, module),
         )
     return CaptionCollator(
         module.model.llm.tokenizer,

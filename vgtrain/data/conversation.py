@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from vgtrain.data.packing import pack_encoded
 from vgtrain.models.chat_template import (
     IMAGE_TOKEN,
     ConversationError,
@@ -171,7 +172,8 @@ class ConversationCollator:
     input: text before the image, the visual prefix, the rest. Only assistant tokens (answers and
     their end-of-turn/EOS) carry a label; ``image_position`` is each row's count of text tokens
     before the prefix. A sample whose ``conversation`` was not drawn yet (cached features) is
-    drawn here with ``picker``.
+    drawn here with ``picker``. With ``pack_length`` > 0 the samples share rows of that many
+    positions instead (vgtrain/data/packing.py): same samples, same loss, less padding.
     """
 
     def __init__(
@@ -182,9 +184,13 @@ class ConversationCollator:
         prompt: str = "",
         max_tokens: int = 128,
         picker: ConversationPicker | None = None,
+        pack_length: int = 0,
     ) -> None:
         if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs an EOS and a pad token to build batches")
+        if pack_length < 0:
+            raise ValueError(f"data.pack_length must be >= 0 (0: no packing), got {pack_length}")
+        self.pack_length = pack_length
         self.tokenizer = tokenizer
         self.renderer = renderer
         self.prefix_length = prefix_length
@@ -205,8 +211,29 @@ class ConversationCollator:
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         encoded = [self.encode(sample) for sample in samples]
+        if self.pack_length:
+            batch = pack_encoded(encoded, self.prefix_length, self.pack_length, self.tokenizer.pad_token_id)
+        else:
+            batch = self.padded(encoded)
+        batch["image_position"] = torch.tensor([e.image_index for e in encoded], dtype=torch.long)
+        batch["captions"] = [sample.get("caption", "") for sample in samples]
+        batch["keys"] = [sample.get("key") for sample in samples]
+        batch["conversations"] = [sample.get("conversations") or [] for sample in samples]
+        if any("references" in sample for sample in samples):
+            batch["references"] = [
+                sample.get("references", [sample.get("caption", "")]) for sample in samples
+            ]
+        if "image" in samples[0]:
+            batch["pixel_values"] = torch.stack([sample["image"] for sample in samples])
+        if "tokens" in samples[0]:
+            batch["visual_tokens"] = torch.stack([sample["tokens"] for sample in samples])
+            batch["visual_pooled"] = torch.stack([sample["pooled"] for sample in samples])
+        return batch
+
+    def padded(self, encoded: list[EncodedConversation]) -> dict[str, Any]:
+        """One sample per row, right-padded to the longest."""
         length = max(len(e.ids) for e in encoded)
-        rows, prefix = len(samples), self.prefix_length
+        rows, prefix = len(encoded), self.prefix_length
         input_ids = torch.full((rows, length), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((rows, length), dtype=torch.long)
         labels = torch.full((rows, prefix + length), IGNORE_INDEX, dtype=torch.long)
@@ -219,25 +246,7 @@ class ConversationCollator:
             positions = torch.where(positions < item.image_index, positions, positions + prefix)
             keep = torch.tensor(item.loss_mask, dtype=torch.bool)
             labels[row, positions[keep]] = ids[keep]
-        batch: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "image_position": torch.tensor([e.image_index for e in encoded], dtype=torch.long),
-            "captions": [sample.get("caption", "") for sample in samples],
-            "keys": [sample.get("key") for sample in samples],
-            "conversations": [sample.get("conversations") or [] for sample in samples],
-        }
-        if any("references" in sample for sample in samples):
-            batch["references"] = [
-                sample.get("references", [sample.get("caption", "")]) for sample in samples
-            ]
-        if "image" in samples[0]:
-            batch["pixel_values"] = torch.stack([sample["image"] for sample in samples])
-        if "tokens" in samples[0]:
-            batch["visual_tokens"] = torch.stack([sample["tokens"] for sample in samples])
-            batch["visual_pooled"] = torch.stack([sample["pooled"] for sample in samples])
-        return batch
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def conversation_collator(
@@ -250,6 +259,7 @@ def conversation_collator(
     seed: int | None = 0,
     caption_share: float = 0.0,
     conversations_per_visit: int = 1,
+    pack_length: int = 0,
 ) -> ConversationCollator:
     """The collator a ``model.chat`` config block asks for (see :meth:`ConversationRenderer.from_config`)."""
     renderer = ConversationRenderer.from_config(tokenizer, chat, prefix_length)
@@ -260,4 +270,5 @@ def conversation_collator(
         prompt=prompt,
         max_tokens=max_tokens,
         picker=ConversationPicker(seed, caption_share, conversations_per_visit),
+        pack_length=pack_length,
     )

@@ -17,7 +17,14 @@ from vgtrain.models.lm_loss import IGNORE_INDEX, caption_loss, caption_positions
 from vgtrain.models.mapper import Mapper
 from vgtrain.models.xattn import CrossAttentionAdapter
 
-__all__ = ["IGNORE_INDEX", "PrefixLMOutput", "VisualPrefixLM", "caption_positions", "prompt_token_ids"]
+__all__ = [
+    "IGNORE_INDEX",
+    "PackedRows",
+    "PrefixLMOutput",
+    "VisualPrefixLM",
+    "caption_positions",
+    "prompt_token_ids",
+]
 
 
 def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, prefix_length: int) -> list[int]:
@@ -37,6 +44,26 @@ class PrefixLMOutput:
     num_tokens: torch.Tensor  # caption tokens that carried loss
     # of those, how many the argmax predicted (teacher forcing); None when not asked for
     num_correct: torch.Tensor | None
+
+
+@dataclass
+class PackedRows:
+    """Several samples per row (``data.pack_length``; built by vgtrain/data/packing.py).
+
+    ``index`` [rows, length]: where each position's input embedding comes from, in the text
+    embeddings flattened followed by the samples' prefixes flattened; ``positions``: the position
+    within its sample; ``segments``: the sample's place in its row (-1: padding), which the
+    block-diagonal causal mask is made of."""
+
+    index: torch.Tensor
+    positions: torch.Tensor
+    segments: torch.Tensor
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> PackedRows | None:
+        if "pack_index" not in batch:
+            return None
+        return cls(batch["pack_index"], batch["pack_positions"], batch["pack_segments"])
 
 
 class VisualPrefixLM(nn.Module):
@@ -128,6 +155,23 @@ class VisualPrefixLM(nn.Module):
         embeds = embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
         return embeds, mask.gather(1, index)
 
+    def packed_embeddings(
+        self, features: VisualFeatures, input_ids: torch.Tensor, packed: PackedRows
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Packed rows' input embeddings (one gather from the text embeddings and the prefixes),
+        their block-diagonal causal mask and their per-sample positions."""
+        if self.mapper is None or self.xattn is not None:
+            raise ValueError(
+                "data.pack_length packs several images' prefixes into a row; cross-attention reads "
+                "one image per row: set data.pack_length=0 with model/xattn"
+            )
+        text = self.llm.embed(input_ids)
+        prefix = self.mapper(features).to(text.dtype)
+        pool = torch.cat([text.flatten(0, 1), prefix.flatten(0, 1)])
+        embeds = pool[packed.index]
+        mask = self.llm.segment_mask(packed.segments, embeds.dtype)
+        return embeds, mask, packed.positions
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -139,11 +183,13 @@ class VisualPrefixLM(nn.Module):
         loss_index: torch.Tensor | None = None,
         loss_targets: torch.Tensor | None = None,
         with_accuracy: bool = True,
+        packed: PackedRows | None = None,
     ) -> PrefixLMOutput:
         """``loss_index``/``loss_targets``: the caption positions as the collator precomputed
         them (:func:`caption_positions`); derived from ``labels`` when absent, which reads the
-        labels' values (a host sync on an accelerator)."""
-        expected = self.prefix_length + input_ids.shape[1]
+        labels' values (a host sync on an accelerator). ``packed``: rows holding several samples
+        (then ``labels`` is laid out over ``packed.index``'s positions)."""
+        expected = packed.index.shape[1] if packed is not None else self.prefix_length + input_ids.shape[1]
         if labels.shape[1] != expected:
             raise ValueError(
                 f"labels cover {labels.shape[1]} positions but prefix + text is {expected}; "
@@ -152,13 +198,19 @@ class VisualPrefixLM(nn.Module):
         if loss_index is None or loss_targets is None:
             loss_index, loss_targets = caption_positions(labels)
         features = self.features(pixel_values, features)
-        embeds, mask = self.input_embeddings(features, input_ids, attention_mask, image_position)
-        # The layout pads on the right, so a causal mask alone keeps every real position from
-        # seeing padding; padded positions carry no loss. A ready 4D causal mask spares
-        # transformers building one from the padding mask, which reads it back to the host.
-        causal = self.llm.causal_mask(embeds.shape[1], embeds.device, embeds.dtype)
-        with self.visual_context(features):
-            hidden = self.llm(embeds, causal if causal is not None else mask).last_hidden_state
+        if packed is not None:
+            embeds, mask, positions = self.packed_embeddings(features, input_ids, packed)
+            context = contextlib.nullcontext()
+        else:
+            embeds, mask = self.input_embeddings(features, input_ids, attention_mask, image_position)
+            # The layout pads on the right, so a causal mask alone keeps every real position from
+            # seeing padding; padded positions carry no loss. A ready 4D causal mask spares
+            # transformers building one from the padding mask, which reads it back to the host.
+            causal = self.llm.causal_mask(embeds.shape[1], embeds.device, embeds.dtype)
+            mask, positions = (causal if causal is not None else mask), None
+            context = self.visual_context(features)
+        with context:
+            hidden = self.llm(embeds, mask, position_ids=positions).last_hidden_state
         head = self.llm.model.get_output_embeddings()
         result = caption_loss(
             hidden,

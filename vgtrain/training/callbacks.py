@@ -16,8 +16,11 @@ from vgtrain.errors import NonFiniteError
 log = logging.getLogger(__name__)
 
 
-def batch_size(batch: dict[str, Any]) -> int:
-    """Caption samples in a collated batch (its rows of token ids)."""
+def samples_in(batch: dict[str, Any]) -> int:
+    """Samples in a collated batch: its rows of token ids, or its images where rows are packed
+    (several samples to a row)."""
+    if "pack_index" in batch:
+        return len(batch["keys"])
     return int(batch["input_ids"].shape[0])
 
 
@@ -27,7 +30,7 @@ class SampleThroughput(ThroughputMonitor):
     last ``window_size`` steps with validation time left out; likewise ``validate/...``."""
 
     def __init__(self, window_size: int = 10) -> None:
-        super().__init__(batch_size_fn=batch_size, window_size=window_size)
+        super().__init__(batch_size_fn=samples_in, window_size=window_size)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

@@ -14,7 +14,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from vgtrain.errors import CheckpointMismatchError
 from vgtrain.models import VisualPrefixLM, build_model
 from vgtrain.models.backbones.vision import VisualFeatures
-from vgtrain.models.prefix_lm import PrefixLMOutput
+from vgtrain.models.prefix_lm import PackedRows, PrefixLMOutput
+from vgtrain.training.callbacks import samples_in
 from vgtrain.training.speed import (
     SpeedSettings,
     apply_at_fit_start,
@@ -96,9 +97,10 @@ class CaptioningModule(L.LightningModule):
             loss_index=batch.get("loss_index"),
             loss_targets=batch.get("loss_targets"),
             with_accuracy=report,
+            packed=PackedRows.from_batch(batch),
         )
         if report:
-            batch_size = batch["input_ids"].shape[0]
+            batch_size = samples_in(batch)
             accuracy = out.num_correct.float() / out.num_tokens.clamp(min=1)
             options = {"batch_size": batch_size, "on_step": on_step, "on_epoch": not on_step}
             self.log(f"{stage}/loss", out.loss, prog_bar=True, **options)

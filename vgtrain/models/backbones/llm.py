@@ -60,23 +60,43 @@ class LanguageModel(FrozenModule):
         attention_mask: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
+        position_ids: torch.Tensor | None = None,
     ) -> Any:
         """Runs the decoder stack (without the output head); returns the base model's output."""
-        cache = {"past_key_values": past_key_values} if past_key_values is not None else {}
+        extra: dict[str, Any] = {"past_key_values": past_key_values} if past_key_values is not None else {}
+        if position_ids is not None:
+            extra["position_ids"] = position_ids
         return self.model.base_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=use_cache, **cache
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=use_cache, **extra
         )
 
     def causal_mask(self, length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         """A ready ``[1, 1, length, length]`` causal mask for right-padded training sequences
         (transformers uses a 4D mask as given: no mask building, no read of a padding mask back
         to the host), or None where the attention implementation takes no 4D mask."""
-        implementation = getattr(self.model.config, "_attn_implementation", None)
         allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+        return self._as_4d_mask(allowed, dtype)
+
+    def segment_mask(self, segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The ``[rows, 1, length, length]`` mask of packed rows: causal within each sample
+        (``segments``: the sample's place in its row, -1 for padding), nothing across samples."""
+        length = segments.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+        allowed = (segments[:, :, None] == segments[:, None, :]) & causal
+        mask = self._as_4d_mask(allowed[:, None], dtype)
+        if mask is None:
+            raise ValueError(
+                f"data.pack_length needs an attention implementation that takes a 4D mask (sdpa or "
+                f"eager); this LLM uses {self.model.config._attn_implementation!r}"
+            )
+        return mask
+
+    def _as_4d_mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        implementation = getattr(self.model.config, "_attn_implementation", None)
         if implementation == "sdpa":
             return allowed
         if implementation == "eager":
-            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+            return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
                 ~allowed, torch.finfo(dtype).min
             )
         return None
