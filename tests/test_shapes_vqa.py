@@ -60,7 +60,7 @@ def test_training_type_weights_skew_training_questions_only(tmp_path):
     """data.synthetic.train_type_weights: the training split asks the weighted types more often;
     val and phrasing (scored) are the very same shards as without weights; unknown types are
     refused by name."""
-    weights = {"yes_no": 4.0, "size": 0.0}
+    weights = {"yes_no": 4.0, "size": 0.0, "describe": 2.0}
 
     def write(folder, type_weights=None):
         return write_shapes_vqa_dataset(
@@ -86,12 +86,33 @@ def test_training_type_weights_skew_training_questions_only(tmp_path):
     plain, skewed = types("plain", "train"), types("skewed", "train")
     assert skewed.count("size") == 0 < plain.count("size")
     assert skewed.count("yes_no") > 2 * plain.count("yes_no")
+    assert skewed.count("describe") > 0 == plain.count("describe")  # training-only, when weighted
     for split in ("val", "phrasing"):
         assert types("plain", split) == types("skewed", split)
         name = f"{split}-000000.tar"
         assert _members(tmp_path / "plain" / name) == _members(tmp_path / "skewed" / name)
     with pytest.raises(ValueError, match="unknown type.*colour"):
         write("bad", {"colour": 2.0})
+
+
+def test_describe_answers_name_the_referred_object_and_its_place():
+    """The training-only "describe" type: the answer is the object's size, colour, shape and
+    place, the object named by its shape or by its colour as the other questions name it."""
+    asked = 0
+    for scene, conversations in _scenes("train", 200, 64, 0, 4, 0.0, {"describe": 50.0}):
+        for question, answer in (c for c in conversations if c[1]["type"] == "describe"):
+            asked += 1
+            match = re.fullmatch(
+                f"a ({'|'.join(SIZES)}) ({COLOR}) ({SHAPE}) (?:at the \\w+ \\w+|in the center)",
+                answer["content"],
+            )
+            assert match, answer["content"]
+            size, color, shape = match.groups()
+            referred = [s for s in scene.shapes if (s.size, s.color, s.shape) == (size, color, shape)]
+            assert referred and any(p.match(question["content"]) for p in TRAIN)
+            named = question["content"]
+            assert shape in named or color in named or "object" in named
+    assert asked > 500
 
 
 def _members(shard):

@@ -37,6 +37,7 @@ from vgtrain.data.synthetic import (
     _layout,
     _png_bytes,
     caption,
+    describe_placed,
     render,
     sample_scene,
 )
@@ -55,6 +56,10 @@ QUESTION_TYPES: tuple[str, ...] = (
     "yes_no",
     "followup",
 )
+# Asked in the training split only, and only when train_type_weights gives them a weight: an
+# answer that names every attribute of the object a question refers to ("Describe the square."
+# -> "a small red square at the top left") supervises several tokens per look-up of "the square".
+TRAINING_ONLY_TYPES: tuple[str, ...] = ("describe",)
 
 # type -> (training phrasings, held-out phrasings). {ref}: the asked-about object; {color},
 # {shape}: asked-about attributes; {other}: the other object of a two-shape scene.
@@ -103,6 +108,7 @@ PHRASINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("Is {ref} {color}?", "Is the color of {ref} {color}?"),
         ("Is {ref} colored {color}?", "Would you say {ref} is {color}?"),
     ),
+    "describe": (("Describe {ref}.", "What does {ref} look like?"), ("Give a description of {ref}.",)),
     "followup_color": (("What color is it?", "And what color is it?"), ("Which color does it have?",)),
     "followup_size": (("Is it small or large?", "How big is it?"), ("What size does it have?",)),
     "followup_shape": (("What shape is it?", "And its shape?"), ("Which shape does it have?",)),
@@ -156,6 +162,8 @@ class QuestionMaker:
     def types(self, scene: Scene) -> list[str]:
         kinds = ["color", "shape", "size", "count", "yes_no"]
         kinds.append("position" if len(scene.shapes) == 1 else "relation")
+        if self.type_weights:
+            kinds += [kind for kind in TRAINING_ONLY_TYPES if self.type_weights.get(kind, 0) > 0]
         return kinds
 
     def question(self, scene: Scene, kind: str) -> tuple[str, str, Shape | None]:
@@ -205,6 +213,9 @@ class QuestionMaker:
             truth = rng.random() < 0.5
             color, shape = (obj.color, obj.shape) if truth else rng.choice(sorted(ALL_PAIRS - present))
             return self.phrase("exists", color=color, shape=shape), _yes(truth), None
+        if kind == "describe":
+            ref = _by_shape(scene, obj) if rng.random() < 0.5 else _by_color(scene, obj)
+            return self.phrase("describe", ref=ref), describe_placed(obj, scene.image_size), obj
         raise ValueError(f"unknown question type {kind!r}")
 
     def followup(self, scene: Scene, obj: Shape, asked: str) -> tuple[str, str]:
@@ -310,9 +321,11 @@ def write_shapes_vqa_dataset(
 
     ``train_type_weights`` (question type -> weight, default 1) skews the training split's
     one-turn questions towards some types (those a model learns last); val and phrasing keep
-    every type equally likely, so scores stay comparable."""
+    every type equally likely, so scores stay comparable. Training-only types
+    (:data:`TRAINING_ONLY_TYPES`, default weight 0) are asked only where given a weight."""
     weights = dict(train_type_weights or {})
-    askable = [kind for kind in QUESTION_TYPES if kind != "followup"]  # follow-ups come with dialogues
+    # follow-ups come with dialogues
+    askable = [kind for kind in QUESTION_TYPES if kind != "followup"] + list(TRAINING_ONLY_TYPES)
     unknown = sorted(set(weights) - set(askable))
     if unknown or any(weight < 0 for weight in weights.values()):
         raise ValueError(

@@ -145,6 +145,14 @@ def _describe(shape: Shape) -> str:
     return f"a {shape.size} {shape.color} {shape.shape}"
 
 
+def describe_placed(shape: Shape, image_size: int) -> str:
+    """One shape with its place: "a large red circle at the top left", "... in the center"."""
+    row = VERTICAL[_cell_index(shape.cy, image_size)]
+    col = HORIZONTAL[_cell_index(shape.cx, image_size)]
+    where = "in the center" if (row, col) == ("middle", "center") else f"at the {row} {col}"
+    return f"{_describe(shape)} {where}"
+
+
 def caption(scene: Scene) -> str:
     """Caption of ``scene``, derived only from what is drawn.
 
@@ -153,11 +161,7 @@ def caption(scene: Scene) -> str:
     Two shapes: "a small red circle left of a large blue square".
     """
     if len(scene.shapes) == 1:
-        (shape,) = scene.shapes
-        row = VERTICAL[_cell_index(shape.cy, scene.image_size)]
-        col = HORIZONTAL[_cell_index(shape.cx, scene.image_size)]
-        where = "in the center" if (row, col) == ("middle", "center") else f"at the {row} {col}"
-        return f"{_describe(shape)} {where}"
+        return describe_placed(scene.shapes[0], scene.image_size)
     left, right = sorted(scene.shapes, key=lambda s: s.cx)
     return f"{_describe(left)} left of {_describe(right)}"
 
