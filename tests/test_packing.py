@@ -133,3 +133,20 @@ def test_packing_is_refused_for_cross_attention():
         )
     with pytest.raises(ValueError, match="pack_length must be >= 0"):
         ConversationCollator(tokenizer, ConversationRenderer(tokenizer, prefix_length=4), 4, pack_length=-1)
+
+
+def test_the_config_key_is_checked_against_the_model_before_training():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from vgtrain.cli.train import pack_length
+    from vgtrain.errors import ConfigError
+
+    cfg = OmegaConf.create({"data": {"pack_length": 96}})
+    prefix_only = SimpleNamespace(model=SimpleNamespace(xattn=None, mapper=object()))
+    with_xattn = SimpleNamespace(model=SimpleNamespace(xattn=object(), mapper=object()))
+    assert pack_length(cfg, prefix_only) == 96  # type: ignore[arg-type]
+    assert pack_length(OmegaConf.create({"data": {}}), with_xattn) == 0  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="data.pack_length=96.*cross-attention"):
+        pack_length(cfg, with_xattn)  # type: ignore[arg-type]
