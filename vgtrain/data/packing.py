@@ -20,8 +20,6 @@ import torch
 from vgtrain.models.chat_template import EncodedConversation
 from vgtrain.models.lm_loss import IGNORE_INDEX, caption_positions
 
-PACKED_KEYS = ("pack_index", "pack_positions", "pack_segments")
-
 
 def first_fit_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Indices of ``lengths`` grouped into rows holding at most ``capacity`` in all, first-fit
