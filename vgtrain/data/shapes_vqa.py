@@ -295,7 +295,11 @@ def write_corpus(path: Path, image_size: int, seed: int, dialogue_share: float) 
     for scene, conversations in _scenes("corpus", 2000, image_size, seed, 2, dialogue_share):
         lines.append(caption(scene))
         lines.extend(turn["content"] for conversation in conversations for turn in conversation)
-    lines += [p for _, heldout in PHRASINGS.values() for p in heldout]
+    # Training-only types' phrasings stay out: the corpus (so the tokenizer) is the same with or
+    # without them.
+    lines += [
+        p for kind, (_, heldout) in PHRASINGS.items() if kind not in TRAINING_ONLY_TYPES for p in heldout
+    ]
     lines.append("Q: A:")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
