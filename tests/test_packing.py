@@ -144,8 +144,11 @@ def test_the_config_key_is_checked_against_the_model_before_training():
     from vgtrain.errors import ConfigError
 
     cfg = OmegaConf.create({"data": {"pack_length": 96}})
-    prefix_only = SimpleNamespace(model=SimpleNamespace(xattn=None, mapper=object()))
-    with_xattn = SimpleNamespace(model=SimpleNamespace(xattn=object(), mapper=object()))
+    prefix_only = SimpleNamespace(model=build_model(dict(TINY_VISION), dict(TINY_LLM), dict(TINY_MAPPER)))
+    xattn = {"name": "gated", "every": 1, "num_heads": 2, "head_dim": 16}
+    with_xattn = SimpleNamespace(
+        model=build_model(dict(TINY_VISION), dict(TINY_LLM), dict(TINY_MAPPER), xattn)
+    )
     assert pack_length(cfg, prefix_only) == 96  # type: ignore[arg-type]
     assert pack_length(OmegaConf.create({"data": {}}), with_xattn) == 0  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="data.pack_length=96.*cross-attention"):

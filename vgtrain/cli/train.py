@@ -86,11 +86,11 @@ def pack_length(cfg: DictConfig, module: CaptioningModule) -> int:
     """``data.pack_length``, checked against the model: packed rows hold several images'
     prefixes, which cross-attention (one image per row) cannot read."""
     length = int(cfg.data.get("pack_length", 0))
-    if length and (module.model.xattn is not None or module.model.mapper is None):
-        raise ConfigError(
-            f"data.pack_length={length} packs several samples into a row, each with its own visual "
-            "prefix; cross-attention reads one image per row: set data.pack_length=0 with model/xattn"
-        )
+    if length:
+        try:
+            module.model.check_packable()
+        except ValueError as error:
+            raise ConfigError(f"data.pack_length={length}: {error}") from None
     return length
 
 

@@ -155,16 +155,20 @@ class VisualPrefixLM(nn.Module):
         embeds = embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
         return embeds, mask.gather(1, index)
 
-    def packed_embeddings(
-        self, features: VisualFeatures, input_ids: torch.Tensor, packed: PackedRows
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Packed rows' input embeddings (one gather from the text embeddings and the prefixes),
-        their block-diagonal causal mask and their per-sample positions."""
+    def check_packable(self) -> None:
+        """Packed rows hold several images' prefixes; cross-attention reads one image per row."""
         if self.mapper is None or self.xattn is not None:
             raise ValueError(
                 "data.pack_length packs several images' prefixes into a row; cross-attention reads "
                 "one image per row: set data.pack_length=0 with model/xattn"
             )
+
+    def packed_embeddings(
+        self, features: VisualFeatures, input_ids: torch.Tensor, packed: PackedRows
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Packed rows' input embeddings (one gather from the text embeddings and the prefixes),
+        their block-diagonal causal mask and their per-sample positions."""
+        self.check_packable()
         text = self.llm.embed(input_ids)
         prefix = self.mapper(features).to(text.dtype)
         pool = torch.cat([text.flatten(0, 1), prefix.flatten(0, 1)])
