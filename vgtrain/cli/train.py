@@ -69,6 +69,7 @@ def build_module(cfg: DictConfig) -> CaptioningModule:
         llm_adapter=container.get("llm_adapter"),
         chat=container.get("chat"),
         speed={**container.get("speed", {}), "compile": compile_step},
+        loss_reduction=container.get("loss_reduction", "token"),
     )
 
 

@@ -13,6 +13,10 @@ is an ``index_select`` of a known size: no boolean-mask indexing, no host synchr
 - ``liger``: liger-kernel's Triton kernel (CUDA, optional dependency ``liger-kernel``).
 
 ``auto`` picks ``liger`` on CUDA when installed, else ``chunked`` on CUDA, else ``torch``.
+
+The mean runs over tokens (``token``: a caption of 20 tokens weighs 20 one-word answers) or over
+samples (``sample``: each sample's tokens share one sample's weight, as when every sample's own
+loss is averaged first), chosen by ``model.loss_reduction``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 LOSS_IMPLEMENTATIONS = ("auto", "torch", "chunked", "liger")
+LOSS_REDUCTIONS = ("token", "sample")
 # Logit elements per chunk of the chunked loss: 2^27 fp32 values = 512 MiB.
 CHUNK_ELEMENTS = 2**27
 
@@ -45,12 +50,22 @@ def caption_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return index, targets.flatten().index_select(0, index)
 
 
+def sample_mean_weights(sample: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights, count)`` for the mean over samples: ``sample`` names each loss position's sample
+    (``0 <= sample < num_samples``); a position's weight is ``1 / (its sample's positions x the
+    samples with any)``, so the weights sum to 1. ``count``: those samples. No host sync."""
+    ones = torch.ones(sample.shape, dtype=torch.float32, device=sample.device)
+    per_sample = torch.zeros(num_samples, dtype=torch.float32, device=sample.device).index_add_(0, sample, ones)
+    count = (per_sample > 0).sum()
+    return 1.0 / (per_sample[sample] * count.clamp(min=1)), count
+
+
 @functools.cache
 def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def resolve_implementation(name: str, device: torch.device) -> str:
+def resolve_implementation(name: str, device: torch.device, weighted: bool = False) -> str:
     if name not in LOSS_IMPLEMENTATIONS:
         raise ValueError(
             f"unknown LM loss implementation {name!r}; choose from {', '.join(LOSS_IMPLEMENTATIONS)}"
@@ -58,7 +73,12 @@ def resolve_implementation(name: str, device: torch.device) -> str:
     if name == "auto":
         if device.type != "cuda":
             return "torch"
-        return "liger" if liger_available() else "chunked"
+        return "liger" if liger_available() and not weighted else "chunked"
+    if name == "liger" and weighted:
+        raise ValueError(
+            "the liger LM loss averages over tokens only; with model.loss_reduction=sample use "
+            "model.speed.lm_loss=chunked or auto"
+        )
     if name == "liger" and (device.type != "cuda" or not liger_available()):
         raise ValueError(
             "the liger LM loss needs a CUDA device and the liger-kernel package (pip install liger-kernel); "
@@ -83,15 +103,20 @@ def caption_loss(
     *,
     implementation: str = "auto",
     with_accuracy: bool = True,
+    position_weights: torch.Tensor | None = None,
 ) -> CaptionLoss:
     """Mean cross-entropy of ``hidden[:, :-1]`` at ``index`` (see :func:`caption_positions`)
-    under the output head ``(weight, bias)`` against ``targets``."""
+    under the output head ``(weight, bias)`` against ``targets``; with ``position_weights``
+    (summing to 1, e.g. :func:`sample_mean_weights`) their weighted sum instead."""
     flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     selected = flat.index_select(0, index)
-    how = resolve_implementation(implementation, hidden.device)
+    how = resolve_implementation(implementation, hidden.device, weighted=position_weights is not None)
     if how == "torch":
         logits = F.linear(selected, weight, bias)
-        loss = F.cross_entropy(logits.float(), targets)
+        if position_weights is None:
+            loss = F.cross_entropy(logits.float(), targets)
+        else:
+            loss = (F.cross_entropy(logits.float(), targets, reduction="none") * position_weights).sum()
         correct = _num_correct(logits.detach(), targets) if with_accuracy else None
         return CaptionLoss(loss, correct)
     if how == "liger":
@@ -107,7 +132,9 @@ def caption_loss(
                 correct = _num_correct(F.linear(selected.detach(), weight, bias), targets)
         return CaptionLoss(loss, correct)
     dtype = compute_dtype(hidden.device, weight.dtype)
-    loss, correct = _ChunkedHeadCrossEntropy.apply(selected, weight, bias, targets, dtype)
+    if position_weights is None:
+        position_weights = torch.full(targets.shape, 1.0 / max(targets.numel(), 1), device=targets.device)
+    loss, correct = _ChunkedHeadCrossEntropy.apply(selected, weight, bias, targets, position_weights, dtype)
     return CaptionLoss(loss, correct if with_accuracy else None)
 
 
@@ -119,8 +146,9 @@ def _num_correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
-    """Head + mean cross-entropy, chunk by chunk, with the gradients made in the forward pass
-    (the chunk's logits are freed at once); backward only scales them by the incoming gradient."""
+    """Head + weighted cross-entropy (``position_weights`` sum to 1: a mean), chunk by chunk, with
+    the gradients made in the forward pass (the chunk's logits are freed at once); backward only
+    scales them by the incoming gradient."""
 
     @staticmethod
     def forward(
@@ -129,6 +157,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         targets: torch.Tensor,
+        position_weights: torch.Tensor,
         dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         count = hidden.shape[0]
@@ -146,19 +175,20 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
             for start in range(0, count, chunk):
                 rows = h[start : start + chunk]
                 wanted = targets[start : start + chunk]
+                scale = position_weights[start : start + chunk].float()
                 logits = F.linear(rows, w, b).float()
                 lse = torch.logsumexp(logits, dim=-1)
                 target_logit = logits.gather(-1, wanted.unsqueeze(-1)).squeeze(-1)
-                total += (lse - target_logit).sum()
+                total += ((lse - target_logit) * scale).sum()
                 correct += (target_logit >= logits.amax(-1)).sum()
                 if not needs_grad:
                     continue
-                # d(mean CE)/d(logits) = (softmax - onehot) / count, in place of the logits.
+                # d(weighted CE)/d(logits) = (softmax - onehot) * weight, in place of the logits.
                 grad_logits = logits.sub_(lse.unsqueeze(-1)).exp_()
                 grad_logits.scatter_add_(
                     -1, wanted.unsqueeze(-1), torch.full_like(target_logit, -1.0).unsqueeze(-1)
                 )
-                grad_logits = grad_logits.div_(count).to(dtype)
+                grad_logits = grad_logits.mul_(scale.unsqueeze(-1)).to(dtype)
                 if grad_hidden is not None:
                     grad_hidden[start : start + chunk] = grad_logits @ w
                 if grad_weight is not None:
@@ -171,7 +201,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         ctx.has = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.mark_non_differentiable(correct)
-        return total / max(count, 1), correct
+        return total, correct
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_correct: torch.Tensor | None):  # type: ignore[override]
@@ -180,4 +210,4 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
             (g * grad_loss).to(dtype) if has else None
             for g, has, dtype in zip(saved, ctx.has, ctx.dtypes, strict=True)
         ]
-        return grads[0], grads[1], grads[2], None, None
+        return grads[0], grads[1], grads[2], None, None, None

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vgtrain.models.backbones.llm import LanguageModel
 from vgtrain.models.backbones.vision import VisionBackbone, VisualFeatures
-from vgtrain.models.lm_loss import IGNORE_INDEX, caption_loss, caption_positions
+from vgtrain.models.lm_loss import IGNORE_INDEX, caption_loss, caption_positions, sample_mean_weights
 from vgtrain.models.mapper import Mapper
 from vgtrain.models.xattn import CrossAttentionAdapter
 
@@ -44,6 +44,8 @@ class PrefixLMOutput:
     num_tokens: torch.Tensor  # caption tokens that carried loss
     # of those, how many the argmax predicted (teacher forcing); None when not asked for
     num_correct: torch.Tensor | None
+    # samples that carried loss, when the loss is a mean over samples (loss_reduction="sample")
+    num_samples: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,6 +97,7 @@ class VisualPrefixLM(nn.Module):
         self.xattn = xattn
         self.memory = memory  # features -> cross-attention memory; None: the patch tokens as they are
         self.lm_loss = "auto"  # head + cross-entropy implementation (see models/lm_loss.py)
+        self.loss_reduction = "token"  # mean over tokens, or over samples (see models/lm_loss.py)
 
     @property
     def prefix_length(self) -> int:
@@ -215,6 +218,10 @@ class VisualPrefixLM(nn.Module):
             context = self.visual_context(features)
         with context:
             hidden = self.llm(embeds, mask, position_ids=positions).last_hidden_state
+        position_weights, num_samples = None, None
+        if self.loss_reduction == "sample":
+            samples, capacity = self.loss_samples(loss_index, labels, packed)
+            position_weights, num_samples = sample_mean_weights(samples, capacity)
         head = self.llm.model.get_output_embeddings()
         result = caption_loss(
             hidden,
@@ -224,9 +231,23 @@ class VisualPrefixLM(nn.Module):
             getattr(head, "bias", None),
             implementation=self.lm_loss,
             with_accuracy=with_accuracy,
+            position_weights=position_weights,
         )
         num_tokens = torch.tensor(loss_index.shape[0], device=hidden.device)  # a known size: no sync
-        return PrefixLMOutput(loss=result.loss, num_tokens=num_tokens, num_correct=result.num_correct)
+        return PrefixLMOutput(result.loss, num_tokens, result.num_correct, num_samples)
+
+    @staticmethod
+    def loss_samples(
+        loss_index: torch.Tensor, labels: torch.Tensor, packed: PackedRows | None
+    ) -> tuple[torch.Tensor, int]:
+        """Which sample each loss position belongs to, as an id below the returned bound: its row,
+        or in packed rows its row and segment (a labelled position's predecessor is in its sample)."""
+        rows, length = labels.shape
+        row = torch.div(loss_index, length - 1, rounding_mode="floor")
+        if packed is None:
+            return row, rows
+        position = loss_index - row * (length - 1) + 1
+        return row * length + packed.segments[row, position], rows * length
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(name, p) for name, p in self.named_parameters() if p.requires_grad]

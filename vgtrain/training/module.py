@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from vgtrain.errors import CheckpointMismatchError
 from vgtrain.models import VisualPrefixLM, build_model
 from vgtrain.models.backbones.vision import VisualFeatures
+from vgtrain.models.lm_loss import LOSS_REDUCTIONS
 from vgtrain.models.prefix_lm import PackedRows, PrefixLMOutput
 from vgtrain.training.callbacks import samples_in
 from vgtrain.training.speed import (
@@ -53,6 +54,7 @@ class CaptioningModule(L.LightningModule):
         llm_adapter: dict[str, Any] | None = None,
         chat: dict[str, Any] | None = None,  # conversation template (recorded for exports)
         speed: dict[str, Any] | None = None,
+        loss_reduction: str = "token",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -62,6 +64,11 @@ class CaptioningModule(L.LightningModule):
         self.prompt = prompt
         self.speed = SpeedSettings.from_options(speed)
         apply_to_model(self.model, self.speed)
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(
+                f"model.loss_reduction={loss_reduction!r}; choose from {', '.join(LOSS_REDUCTIONS)}"
+            )
+        self.model.loss_reduction = loss_reduction
         # torch.compile wraps the forward only; kept out of the module tree (no second set of
         # state-dict names for the same parameters).
         self.__dict__["_compiled"] = torch.compile(self.model, dynamic=True) if self.speed.compile else None
@@ -116,17 +123,18 @@ class CaptioningModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self._step(batch, "train")
-        return out.loss * self._token_share(out.num_tokens)
+        units = out.num_samples if out.num_samples is not None else out.num_tokens
+        return out.loss * self._rank_share(units)
 
-    def _token_share(self, num_tokens: torch.Tensor) -> torch.Tensor | float:
-        """Under data parallelism each rank's loss is a mean over its own caption tokens and DDP
-        averages the gradients over ranks. Weighting by this rank's share of all ranks' tokens
-        turns that average into the mean over the global batch's tokens: the step a single
-        process would take on the whole global batch, whatever the caption lengths."""
+    def _rank_share(self, units: torch.Tensor) -> torch.Tensor | float:
+        """Under data parallelism each rank's loss is a mean over its own caption tokens (or
+        samples, with loss_reduction=sample) and DDP averages the gradients over ranks. Weighting
+        by this rank's share of all ranks' units turns that average into the mean over the global
+        batch's: the step a single process would take on the whole global batch."""
         world_size = self._trainer.world_size if self._trainer is not None else 1
         if world_size == 1:
             return 1.0
-        local = num_tokens.detach().float()
+        local = units.detach().float()
         total = self.trainer.strategy.reduce(local.clone(), reduce_op="sum")
         return local * world_size / total.clamp(min=1.0)
 
