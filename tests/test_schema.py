@@ -21,6 +21,7 @@ from vgtrain.errors import ConfigError
         ("model.optimizer.lr=-0.1", ["model.optimizer.lr=-0.1", "a number > 0.0"]),
         ("data.cache_features=maybe", ["data.cache_features='maybe'", "true or false"]),
         ("trainer.limit_val_batches=1.5", ["trainer.limit_val_batches=1.5", "fraction"]),
+        ("model.loss_reduction=mean", ["model.loss_reduction='mean'", "one of token, sample"]),
     ],
 )
 def test_a_bad_value_is_one_line_naming_key_value_and_what_is_allowed(

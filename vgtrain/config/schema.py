@@ -133,6 +133,7 @@ class SchedulerSchema:
 
 @dataclass
 class ModelSchema:
+    loss_reduction: str = one_of("token", "sample")
     optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
     scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
 
