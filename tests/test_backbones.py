@@ -84,3 +84,27 @@ def test_tiny_tokenizer_pads_with_a_token_of_its_own():
     assert tokenizer.pad_token_id not in (None, tokenizer.eos_token_id)
     model = build_tiny_gpt2(tokenizer, width=32, layers=1, heads=2)
     assert model.config.pad_token_id == tokenizer.pad_token_id != model.config.eos_token_id
+
+
+def test_tiny_llm_of_the_llama_family():
+    """model.llm.arch.family=llama: SmolLM2's blocks at the tiny size (a gated MLP of 8/3 x width,
+    as many MLP weights as GPT-2's), rebuilt identically from init_seed; an unknown family is
+    refused by its config key."""
+    from transformers import LlamaForCausalLM
+
+    from vgtrain.models.backbones.registry import build_llm
+
+    arch = {"family": "llama", "width": 48, "layers": 1, "heads": 2}
+    llm = build_llm("tiny", arch=arch, init_seed=3)
+    model = llm.model
+    assert isinstance(model, LlamaForCausalLM)
+    assert model.config.intermediate_size == 128  # 8/3 x 48 = 128
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    mlp = model.model.layers[0].mlp
+    gpt2_mlp_weights = 2 * 48 * 4 * 48
+    assert sum(p.numel() for n, p in mlp.named_parameters() if n.endswith("weight")) == gpt2_mlp_weights
+    again = build_llm("tiny", arch=arch, init_seed=3).model
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(ValueError, match=r"model.llm.arch.family='mamba'; tiny LMs are gpt2, llama"):
+        build_llm("tiny", arch={**arch, "family": "mamba"})

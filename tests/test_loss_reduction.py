@@ -5,7 +5,12 @@ import torch
 
 from tests.conftest import TINY_LLM, TINY_MAPPER, TINY_VISION
 from tests.test_packing import build, loss_and_grads, samples
-from vgtrain.models.lm_loss import caption_loss, caption_positions, resolve_implementation, sample_mean_weights
+from vgtrain.models.lm_loss import (
+    caption_loss,
+    caption_positions,
+    resolve_implementation,
+    sample_mean_weights,
+)
 from vgtrain.training.callbacks import samples_in
 from vgtrain.training.module import CaptioningModule
 

@@ -32,29 +32,13 @@ _TRAINED: dict[str, Trained] = {}
 
 def tiny_llama_folder(root: Path) -> Path:
     """A random tiny Llama (SmolLM2's architecture) saved as a local HF folder with the tiny tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from vgtrain.models.backbones.tiny import build_tiny_tokenizer
+    from vgtrain.models.backbones.tiny import build_tiny_llama, build_tiny_tokenizer
 
     folder = root / "tiny-llama"
     if not (folder / "config.json").is_file():
         tokenizer = build_tiny_tokenizer()
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-            bos_token_id=tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            LlamaForCausalLM(config).save_pretrained(folder)
+        model = build_tiny_llama(tokenizer, width=64, layers=2, heads=2, kv_heads=1, mlp_width=128)
+        model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return folder
 

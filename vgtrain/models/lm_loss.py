@@ -55,7 +55,9 @@ def sample_mean_weights(sample: torch.Tensor, num_samples: int) -> tuple[torch.T
     (``0 <= sample < num_samples``); a position's weight is ``1 / (its sample's positions x the
     samples with any)``, so the weights sum to 1. ``count``: those samples. No host sync."""
     ones = torch.ones(sample.shape, dtype=torch.float32, device=sample.device)
-    per_sample = torch.zeros(num_samples, dtype=torch.float32, device=sample.device).index_add_(0, sample, ones)
+    per_sample = torch.zeros(num_samples, dtype=torch.float32, device=sample.device).index_add_(
+        0, sample, ones
+    )
     count = (per_sample > 0).sum()
     return 1.0 / (per_sample[sample] * count.clamp(min=1)), count
 

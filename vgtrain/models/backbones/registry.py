@@ -21,7 +21,7 @@ import torch
 from vgtrain.errors import UserError
 from vgtrain.models.backbones.llm import LanguageModel
 from vgtrain.models.backbones.packaged import converted_gguf_folder
-from vgtrain.models.backbones.tiny import build_tiny_gpt2, build_tiny_tokenizer, tiny_open_clip_config
+from vgtrain.models.backbones.tiny import build_tiny_lm, build_tiny_tokenizer, tiny_open_clip_config
 from vgtrain.models.backbones.vision import VisionBackbone
 
 
@@ -167,7 +167,7 @@ def build_llm(
     entry: LLMEntry = _lookup(LLM_BACKBONES, name, "LLM")
     if entry.hub_id is None and entry.package is None and path is None:
         tokenizer = build_tiny_tokenizer(tokenizer_vocab_size, tokenizer_corpus)
-        model = build_tiny_gpt2(tokenizer, init_seed=init_seed, **(arch or {}))
+        model = build_tiny_lm(tokenizer, init_seed=init_seed, **(arch or {}))
         source = f"random-init(seed={init_seed})"
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer

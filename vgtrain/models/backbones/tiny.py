@@ -10,7 +10,13 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -64,6 +70,56 @@ def build_tiny_tokenizer(vocab_size: int = 512, corpus_file: str | None = None) 
     # A pad token of its own: with pad = EOS, transformers cannot tell padding from a caption's end
     # and warns about a missing attention mask on every call.
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+
+
+TINY_LM_FAMILIES = ("gpt2", "llama")
+
+
+def build_tiny_lm(
+    tokenizer: PreTrainedTokenizerFast, *, family: str = "gpt2", **arch: int
+) -> GPT2LMHeadModel | LlamaForCausalLM:
+    """A tiny random-init causal LM of the family ``model.llm.arch.family`` names."""
+    if family == "gpt2":
+        return build_tiny_gpt2(tokenizer, **arch)
+    if family == "llama":
+        return build_tiny_llama(tokenizer, **arch)
+    raise ValueError(f"model.llm.arch.family={family!r}; tiny LMs are {', '.join(TINY_LM_FAMILIES)}")
+
+
+def build_tiny_llama(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    width: int = 192,
+    layers: int = 3,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    mlp_width: int | None = None,
+    max_positions: int = 128,
+    init_seed: int = 0,
+    vocab_size: int | None = None,
+) -> LlamaForCausalLM:
+    """A Llama-family LM (SmolLM2's blocks: RMSNorm, rotary positions, a gated SiLU MLP) of
+    GPT-2's tiny size: the MLP's hidden width is by default 8/3 x ``width`` (rounded up to a
+    multiple of 8), so its three matrices hold as many weights as GPT-2's two of 4 x ``width``;
+    ``kv_heads`` below ``heads``: grouped-query attention. Offline, it runs SmolLM2's code paths
+    (rotary positions, the Llama decoder in lean decoding, LoRA targets) at test size.
+    """
+    config = LlamaConfig(
+        vocab_size=max(len(tokenizer), vocab_size or 0),
+        hidden_size=width,
+        intermediate_size=mlp_width or -(-8 * width // 3 // 8) * 8,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return LlamaForCausalLM(config)
 
 
 def build_tiny_gpt2(
