@@ -5,7 +5,8 @@ hidden state at the position that predicts the answer, after each block, and fit
 linear probe (70 % of the questions; accuracy on the other 30 %) for the object's colour, the asked
 colour and the answer (yes/no). README, "The VQA demo", quotes what it printed:
 
-    .venv/bin/python bench/probe_yes_no.py RUN_DIR/checkpoints/last.ckpt 'DATA/shapes_vqa/train-*.tar'
+    vgtrain export RUN_DIR/checkpoints/last.ckpt probe-export
+    .venv/bin/python bench/probe_yes_no.py probe-export 'DATA/shapes_vqa/train-00000[01].tar'
 """
 
 from __future__ import annotations
@@ -16,29 +17,13 @@ import io
 import json
 import random
 import tarfile
-from functools import partial
 
 import torch
 from PIL import Image
 
 from vgtrain.data.synthetic import COLORS
+from vgtrain.decode import VisualDecoder
 from vgtrain.models.chat_template import ConversationRenderer
-from vgtrain.training.module import CaptioningModule
-
-
-def load(checkpoint: str) -> tuple[CaptioningModule, dict]:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    hp = state["hyper_parameters"]
-    module = CaptioningModule(
-        vision=hp["vision"],
-        llm=hp["llm"],
-        mapper=hp["mapper"],
-        optimizer=partial(torch.optim.AdamW),
-        scheduler=hp["scheduler"],
-        chat=hp["chat"],
-    )
-    module.load_state_dict(state["state_dict"], strict=False)  # the frozen tower is rebuilt, not stored
-    return module.eval(), hp
 
 
 def questions(pattern: str, limit: int) -> list[tuple[bytes, str, str, str, str]]:
@@ -78,14 +63,14 @@ def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
+    parser.add_argument("export", help="a `vgtrain export` folder of an experiment=demo_vqa run")
     parser.add_argument("shards", help="glob of the run's training shards")
     parser.add_argument("--limit", type=int, default=1500)
     args = parser.parse_args()
-    module, hp = load(args.checkpoint)
-    model = module.model
+    decoder = VisualDecoder.from_export(args.export)
+    model = decoder.model
     tokenizer = model.llm.tokenizer
-    renderer = ConversationRenderer.from_config(tokenizer, hp["chat"], model.prefix_length)
+    renderer = ConversationRenderer.from_config(tokenizer, decoder.chat_config, model.prefix_length)
     items = questions(args.shards, args.limit)
     yes, no = (tokenizer(f" {w}", add_special_tokens=False).input_ids[0] for w in ("yes", "no"))
     hidden: list[list[torch.Tensor]] = []
