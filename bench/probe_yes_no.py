@@ -23,7 +23,7 @@ from PIL import Image
 
 from vgtrain.data.synthetic import COLORS
 from vgtrain.decode import VisualDecoder
-from vgtrain.models.chat_template import ConversationRenderer
+from vgtrain.decode.chat import renderer_for
 
 
 def questions(pattern: str, limit: int) -> list[tuple[bytes, str, str, str, str]]:
@@ -70,7 +70,7 @@ def main() -> None:
     decoder = VisualDecoder.from_export(args.export)
     model = decoder.model
     tokenizer = model.llm.tokenizer
-    renderer = ConversationRenderer.from_config(tokenizer, decoder.chat_config, model.prefix_length)
+    renderer = renderer_for(decoder)
     items = questions(args.shards, args.limit)
     yes, no = (tokenizer(f" {w}", add_special_tokens=False).input_ids[0] for w in ("yes", "no"))
     hidden: list[list[torch.Tensor]] = []

@@ -6,6 +6,7 @@ checkpoint can leave them out exactly as it leaves out downloaded weights.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -107,7 +108,7 @@ def build_tiny_llama(
     config = LlamaConfig(
         vocab_size=max(len(tokenizer), vocab_size or 0),
         hidden_size=width,
-        intermediate_size=mlp_width or -(-8 * width // 3 // 8) * 8,
+        intermediate_size=mlp_width or 8 * math.ceil(width / 3),  # 8/3 x width, a multiple of 8
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads or heads,
