@@ -72,6 +72,14 @@ def test_a_typo_in_an_override_fails_fast():
         _compose(["trainer.max_stepz=5"])
 
 
+def test_vqa_experiments_take_the_image_place_override_the_readme_shows():
+    """`model.chat.image_place=after` (README, "The VQA demo") needs no leading '+'."""
+    for experiment in ("demo_vqa", "smollm2_vqa"):
+        assert _compose([f"experiment={experiment}"]).model.chat.image_place == "before"
+        cfg = _compose([f"experiment={experiment}", "model.chat.image_place=after"])
+        assert cfg.model.chat.image_place == "after"
+
+
 def test_xattn_demo_composes_both_routes():
     cfg = _compose(["experiment=demo_xattn"])
     assert cfg.model.mapper.name == "none" and cfg.model.xattn.name == "gated"
