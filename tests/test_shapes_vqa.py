@@ -95,6 +95,40 @@ def test_training_type_weights_skew_training_questions_only(tmp_path):
         write("bad", {"colour": 2.0})
 
 
+def test_two_shape_share_skews_training_scenes_only(tmp_path):
+    """data.synthetic.train_two_shape_share: that share of training scenes has two shapes; val
+    and phrasing are the very same shards as without it; a share outside [0, 1] is refused."""
+
+    def write(folder, share=None):
+        return write_shapes_vqa_dataset(
+            tmp_path / folder,
+            num_train=400,
+            num_val=20,
+            num_phrasing=20,
+            samples_per_shard=500,
+            conversations_per_image=1,
+            train_two_shape_share=share,
+            progress=False,
+        )
+
+    def two_shape_share(folder):
+        scenes = [
+            json.loads(sample["json"])["shapes"]
+            for sample in wds.WebDataset(str(tmp_path / folder / "train-000000.tar"), shardshuffle=False)
+        ]
+        return sum(len(shapes) == 2 for shapes in scenes) / len(scenes)
+
+    write("plain"), write("skewed", 0.9), write("one", 0.0)
+    assert 0.4 < two_shape_share("plain") < 0.6
+    assert 0.85 < two_shape_share("skewed") < 0.95
+    assert two_shape_share("one") == 0.0
+    for split in ("val", "phrasing"):
+        name = f"{split}-000000.tar"
+        assert _members(tmp_path / "plain" / name) == _members(tmp_path / "skewed" / name)
+    with pytest.raises(ValueError, match="train_two_shape_share"):
+        write("bad", 1.5)
+
+
 def test_describe_answers_name_the_referred_object_and_its_place():
     """The training-only "describe" type: the answer is the object's size, colour, shape and
     place, the object named by its shape or by its colour as the other questions name it."""

@@ -265,12 +265,13 @@ def _scenes(
     per_image: int,
     dialogue_share: float,
     type_weights: dict[str, float] | None = None,
+    two_shape_share: float = 0.5,
 ) -> Iterator[tuple[Scene, list[list[dict[str, str]]]]]:
     """(scene, its conversations) for a split; one RNG stream per split, as the captioning data."""
     rng = random.Random(f"vgtrain-shapes-vqa:{seed}:{split}")
     maker = QuestionMaker(rng, heldout_phrasing=split == "phrasing", type_weights=type_weights)
     for _ in range(count):
-        scene = sample_scene(rng, image_size, ALL_PAIRS)
+        scene = sample_scene(rng, image_size, ALL_PAIRS, two_shape_share=two_shape_share)
         yield scene, [maker.conversation(scene, rng.random() < dialogue_share) for _ in range(per_image)]
 
 
@@ -317,6 +318,7 @@ def write_shapes_vqa_dataset(
     eval_conversations_per_image: int = 4,
     dialogue_share: float = 0.3,
     train_type_weights: dict[str, float] | None = None,
+    train_two_shape_share: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Writes train/val/phrasing shards and ``manifest.json`` (last: its presence means the
@@ -326,7 +328,11 @@ def write_shapes_vqa_dataset(
     ``train_type_weights`` (question type -> weight, default 1) skews the training split's
     one-turn questions towards some types (those a model learns last); val and phrasing keep
     every type equally likely, so scores stay comparable. Training-only types
-    (:data:`TRAINING_ONLY_TYPES`, default weight 0) are asked only where given a weight."""
+    (:data:`TRAINING_ONLY_TYPES`, default weight 0) are asked only where given a weight.
+
+    ``train_two_shape_share`` (default 0.5, as val and phrasing) is the share of training scenes
+    with two shapes: one-shape scenes are learnt first, two-shape ones (which object is "the
+    circle") last."""
     weights = dict(train_type_weights or {})
     # follow-ups come with dialogues
     askable = [kind for kind in QUESTION_TYPES if kind != "followup"] + list(TRAINING_ONLY_TYPES)
@@ -335,6 +341,10 @@ def write_shapes_vqa_dataset(
         raise ValueError(
             f"data.synthetic.train_type_weights: unknown type(s) {unknown} or a negative weight; "
             f"types: {', '.join(askable)}"
+        )
+    if train_two_shape_share is not None and not 0.0 <= train_two_shape_share <= 1.0:
+        raise ValueError(
+            f"data.synthetic.train_two_shape_share must lie in [0, 1], got {train_two_shape_share}"
         )
     out_dir = Path(out_dir).resolve()
     counts = {"train": num_train, "val": num_val, "phrasing": num_phrasing}
@@ -350,6 +360,8 @@ def write_shapes_vqa_dataset(
     }
     if weights:  # only when set: datasets written before the option keep their options
         options["train_type_weights"] = dict(sorted(weights.items()))
+    if train_two_shape_share is not None:
+        options["train_two_shape_share"] = train_two_shape_share
     layout = _layout(out_dir, counts, samples_per_shard)
     existing = _complete_dataset(out_dir, options, layout, extra_files=(CORPUS_FILE,))
     if existing is not None:
@@ -366,6 +378,7 @@ def write_shapes_vqa_dataset(
                     conversations_per_image if split == "train" else eval_conversations_per_image,
                     dialogue_share,
                     (weights or None) if split == "train" else None,
+                    train_two_shape_share if split == "train" and train_two_shape_share is not None else 0.5,
                 ),
                 image_size,
             )

@@ -109,17 +109,18 @@ def sample_scene(
     allowed_pairs: AbstractSet[tuple[str, str]],
     *,
     required_pairs: AbstractSet[tuple[str, str]] | None = None,
+    two_shape_share: float = 0.5,
 ) -> Scene:
     """Draw a random scene whose objects' (colour, shape) pairs come from ``allowed_pairs``.
 
-    Half the scenes have one shape placed in a 3x3 grid cell, half have two
-    shapes, one per image half. With ``required_pairs`` one object (chosen at
+    A scene has one shape placed in a 3x3 grid cell, or (``two_shape_share`` of
+    them, half by default) two shapes, one per image half. With ``required_pairs`` one object (chosen at
     random) is drawn from those pairs instead, e.g. for the held-out split.
     """
     # Sorted: set iteration order depends on PYTHONHASHSEED, the draws must not.
     allowed = sorted(allowed_pairs)
     required = sorted(required_pairs or ())
-    num = 1 if rng.random() < 0.5 else 2
+    num = 1 if rng.random() < 1.0 - two_shape_share else 2
     special = rng.randrange(num) if required else -1
     pairs = [rng.choice(required if i == special else allowed) for i in range(num)]
     sizes = [rng.choice(tuple(SIZES)) for _ in range(num)]
