@@ -72,6 +72,28 @@ def test_transformer_mapper_can_pass_every_visual_token_on():
         build_mapper("transformer", prefix_length=8, output="patches", num_input_tokens=4, **options)
 
 
+def test_projector_maps_each_visual_token_on_its_own():
+    """LLaVA-1.5's projector: one prefix embedding per token, each a function of its own token
+    only (changing one token changes that embedding and no other); every weight gets a gradient;
+    a prefix_length other than the token count, or the pooled source, is refused by name."""
+    options = dict(vision_token_dim=8, vision_embed_dim=6, out_dim=12, num_input_tokens=4)
+    mapper = build_mapper("projector", prefix_length=None, **options)
+    assert mapper.prefix_length == 4
+    features = VisualFeatures(tokens=torch.randn(2, 4, 8, requires_grad=True), pooled=torch.randn(2, 6))
+    prefix = mapper(features)
+    assert prefix.shape == (2, 4, 12)
+    prefix.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mapper.parameters())
+    changed = features.tokens.detach().clone()
+    changed[:, 2] += 3.0
+    moved = (mapper(VisualFeatures(changed, features.pooled)) - prefix).detach().norm(dim=-1)
+    assert (moved[:, 2] > 0).all() and (moved[:, [0, 1, 3]] == 0).all()
+    with pytest.raises(ValueError, match="set prefix_length to 4 or null, not 8"):
+        build_mapper("projector", prefix_length=8, **options)
+    with pytest.raises(ValueError, match="source=tokens"):
+        build_mapper("projector", source="pooled", **options)
+
+
 def test_unknown_mapper_is_refused():
     with pytest.raises(ValueError, match="registered: " + ", ".join(sorted(MAPPERS))):
         build_mapper("resampler", vision_token_dim=8, vision_embed_dim=8, out_dim=8)

@@ -63,6 +63,42 @@ class MLPMapper(Mapper):
         return self.net(self.select(features)).view(-1, self.prefix_length, self.out_dim)
 
 
+class ProjectorMapper(Mapper):
+    """LLaVA-1.5's projector: Linear -> GELU -> Linear on each visual token on its own.
+
+    The prefix is one embedding per patch token (``prefix_length`` = the number of tokens), and no
+    token sees another: each keeps only what its place in the image holds, and the LLM relates the
+    places itself (the transformer mapper's attention mixes them before the LLM sees them).
+    """
+
+    source: Source = "tokens"
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_input_tokens: int | None = None,
+        prefix_length: int | None = None,
+        hidden_dim: int | None = None,
+        source: Source = "tokens",
+    ) -> None:
+        if source != "tokens":
+            raise ValueError(f"the projector maps patch tokens (source=tokens), got source={source!r}")
+        if num_input_tokens is None:
+            raise ValueError("the projector needs the number of visual tokens (num_input_tokens)")
+        if prefix_length not in (None, num_input_tokens):
+            raise ValueError(
+                f"the projector makes one prefix embedding per visual token ({num_input_tokens}); "
+                f"set prefix_length to {num_input_tokens} or null, not {prefix_length}"
+            )
+        super().__init__(num_input_tokens)
+        hidden_dim = hidden_dim or out_dim  # LLaVA-1.5: the LLM's width
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, features: VisualFeatures) -> torch.Tensor:
+        return self.net(features.tokens)
+
+
 class TransformerMapper(Mapper):
     """ClipCap's transformer mapper: K learned constant queries attend over the visual inputs.
 
@@ -174,6 +210,7 @@ MAPPERS: dict[str, type[Mapper]] = {
     "linear": LinearMapper,
     "mlp": MLPMapper,
     "transformer": TransformerMapper,
+    "projector": ProjectorMapper,
     "perceiver": PerceiverMapper,
 }
 
