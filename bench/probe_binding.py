@@ -14,14 +14,12 @@ which. README, "The VQA demo", quotes what it printed:
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import json
-import tarfile
 
 import torch
 from PIL import Image
-from probe_yes_no import probe_accuracy
+from probe_yes_no import probe_accuracy, shard_samples
 
 from vgtrain.data.synthetic import COLORS, SHAPES
 from vgtrain.decode import VisualDecoder
@@ -29,16 +27,10 @@ from vgtrain.decode import VisualDecoder
 
 def two_shape_scenes(pattern: str, limit: int) -> list[tuple[bytes, list[dict]]]:
     scenes = []
-    for shard in sorted(glob.glob(pattern)):
-        with tarfile.open(shard) as tar:
-            files: dict[str, dict[str, bytes]] = {}
-            for member in tar:
-                key, ext = member.name.rsplit(".", 1)
-                files.setdefault(key, {})[ext] = tar.extractfile(member).read()
-        for sample in files.values():
-            shapes = json.loads(sample["json"])["shapes"]
-            if len(shapes) == 2:
-                scenes.append((sample["png"], shapes))
+    for sample in shard_samples(pattern):
+        shapes = json.loads(sample["json"])["shapes"]
+        if len(shapes) == 2:
+            scenes.append((sample["png"], shapes))
     return scenes[:limit]
 
 

@@ -17,6 +17,7 @@ import io
 import json
 import random
 import tarfile
+from collections.abc import Iterator
 
 import torch
 from PIL import Image
@@ -26,29 +27,34 @@ from vgtrain.decode import VisualDecoder
 from vgtrain.decode.chat import renderer_for
 
 
-def questions(pattern: str, limit: int) -> list[tuple[bytes, str, str, str, str]]:
-    """(png, question, answer, object colour, asked colour) for is-colour questions in one-shape
-    scenes (those asked a position question), the object's colour read from the caption."""
-    items = []
+def shard_samples(pattern: str) -> Iterator[dict[str, bytes]]:
+    """Each sample of the shards matching ``pattern``: its members' bytes by extension."""
     for shard in sorted(glob.glob(pattern)):
         with tarfile.open(shard) as tar:
             files: dict[str, dict[str, bytes]] = {}
             for member in tar:
                 key, ext = member.name.rsplit(".", 1)
                 files.setdefault(key, {})[ext] = tar.extractfile(member).read()
-        for sample in files.values():
-            conversations = json.loads(sample["json"])["conversations"]
-            colours = [w for w in sample["txt"].decode().replace(",", " ").split() if w in COLORS]
-            if len(colours) != 1 or not any(c[1].get("type") == "position" for c in conversations):
-                continue
-            for question, answer in (c[:2] for c in conversations):
-                asked = question["content"].rstrip("?").split()[-1]
-                if (
-                    answer.get("type") == "yes_no"
-                    and question["content"].startswith("Is the")
-                    and asked in COLORS
-                ):
-                    items.append((sample["png"], question["content"], answer["content"], colours[0], asked))
+        yield from files.values()
+
+
+def questions(pattern: str, limit: int) -> list[tuple[bytes, str, str, str, str]]:
+    """(png, question, answer, object colour, asked colour) for is-colour questions in one-shape
+    scenes (those asked a position question), the object's colour read from the caption."""
+    items = []
+    for sample in shard_samples(pattern):
+        conversations = json.loads(sample["json"])["conversations"]
+        colours = [w for w in sample["txt"].decode().replace(",", " ").split() if w in COLORS]
+        if len(colours) != 1 or not any(c[1].get("type") == "position" for c in conversations):
+            continue
+        for question, answer in (c[:2] for c in conversations):
+            asked = question["content"].rstrip("?").split()[-1]
+            if (
+                answer.get("type") == "yes_no"
+                and question["content"].startswith("Is the")
+                and asked in COLORS
+            ):
+                items.append((sample["png"], question["content"], answer["content"], colours[0], asked))
     random.Random(0).shuffle(items)
     return items[:limit]
 

@@ -342,10 +342,9 @@ def write_shapes_vqa_dataset(
             f"data.synthetic.train_type_weights: unknown type(s) {unknown} or a negative weight; "
             f"types: {', '.join(askable)}"
         )
-    if train_two_shape_share is not None and not 0.0 <= train_two_shape_share <= 1.0:
-        raise ValueError(
-            f"data.synthetic.train_two_shape_share must lie in [0, 1], got {train_two_shape_share}"
-        )
+    share = 0.5 if train_two_shape_share is None else train_two_shape_share
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"data.synthetic.train_two_shape_share must lie in [0, 1], got {share}")
     out_dir = Path(out_dir).resolve()
     counts = {"train": num_train, "val": num_val, "phrasing": num_phrasing}
     options = {
@@ -378,7 +377,7 @@ def write_shapes_vqa_dataset(
                     conversations_per_image if split == "train" else eval_conversations_per_image,
                     dialogue_share,
                     (weights or None) if split == "train" else None,
-                    train_two_shape_share if split == "train" and train_two_shape_share is not None else 0.5,
+                    share if split == "train" else 0.5,
                 ),
                 image_size,
             )

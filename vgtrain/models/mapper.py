@@ -34,6 +34,19 @@ class Mapper(nn.Module):
         return features.tokens if self.source == "tokens" else features.pooled
 
 
+def one_per_token(prefix_length: int | None, num_tokens: int | None, who: str) -> int:
+    """The prefix length of a mapper with one prefix embedding per visual token: the token count;
+    a ``prefix_length`` that says otherwise is refused."""
+    if num_tokens is None:
+        raise ValueError(f"{who} needs the number of visual tokens (num_input_tokens)")
+    if prefix_length not in (None, num_tokens):
+        raise ValueError(
+            f"{who} makes one prefix embedding per visual token ({num_tokens}); "
+            f"set prefix_length to {num_tokens} or null, not {prefix_length}"
+        )
+    return num_tokens
+
+
 class LinearMapper(Mapper):
     """One linear map from the pooled embedding to all K prefix embeddings."""
 
@@ -84,14 +97,7 @@ class ProjectorMapper(Mapper):
     ) -> None:
         if source != "tokens":
             raise ValueError(f"the projector maps patch tokens (source=tokens), got source={source!r}")
-        if num_input_tokens is None:
-            raise ValueError("the projector needs the number of visual tokens (num_input_tokens)")
-        if prefix_length not in (None, num_input_tokens):
-            raise ValueError(
-                f"the projector makes one prefix embedding per visual token ({num_input_tokens}); "
-                f"set prefix_length to {num_input_tokens} or null, not {prefix_length}"
-            )
-        super().__init__(num_input_tokens)
+        super().__init__(one_per_token(prefix_length, num_input_tokens, "the projector"))
         hidden_dim = hidden_dim or out_dim  # LLaVA-1.5: the LLM's width
         self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
 
@@ -132,14 +138,7 @@ class TransformerMapper(Mapper):
             raise ValueError(f"transformer mapper output must be queries or inputs, got {output!r}")
         num_inputs = clip_length if source == "pooled" else num_input_tokens
         if output == "inputs":
-            if num_inputs is None:
-                raise ValueError("output=inputs needs the number of visual tokens (num_input_tokens)")
-            if prefix_length not in (None, num_inputs):
-                raise ValueError(
-                    f"output=inputs makes the prefix one embedding per visual input ({num_inputs}); "
-                    f"set prefix_length to {num_inputs} or null, not {prefix_length}"
-                )
-            prefix_length = num_inputs
+            prefix_length = one_per_token(prefix_length, num_inputs, "output=inputs")
         elif prefix_length is None:
             raise ValueError("the transformer mapper needs prefix_length (its number of queries)")
         super().__init__(prefix_length)
