@@ -94,6 +94,46 @@ def test_projector_maps_each_visual_token_on_its_own():
         build_mapper("projector", source="pooled", **options)
 
 
+def test_projector_grid_kernel_reads_the_neighbouring_tokens():
+    """grid_kernel=3 (MobileVLM's local context): at the start exactly the plain projector (the
+    residual convolution is zero); once trained, a change to one token of the 3x3 grid moves the
+    prefix at that token and its eight-neighbourhood only, and the convolution gets a gradient.
+    An even kernel or a non-square grid is refused."""
+    options = dict(vision_token_dim=8, vision_embed_dim=6, out_dim=12, hidden_dim=10)
+    torch.manual_seed(0)
+    plain = build_mapper("projector", num_input_tokens=16, **options)
+    torch.manual_seed(0)
+    local = build_mapper("projector", num_input_tokens=16, grid_kernel=3, **options)
+    features = VisualFeatures(tokens=torch.randn(2, 16, 8), pooled=torch.randn(2, 6))
+    torch.testing.assert_close(local(features), plain(features))
+    local(features).square().mean().backward()
+    assert local.grid_conv.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        local.grid_conv.weight.normal_()
+    changed = features.tokens.clone()
+    changed[:, 0] += 3.0  # the top-left token of the 4x4 grid
+    with torch.no_grad():
+        moved = (local(VisualFeatures(changed, features.pooled)) - local(features)).norm(dim=-1)
+    neighbours = [0, 1, 4, 5]
+    assert (moved[:, neighbours] > 0).all()
+    assert (moved[:, [i for i in range(16) if i not in neighbours]] == 0).all()
+    with pytest.raises(ValueError, match="odd size over a square token grid; got 2 over 16"):
+        build_mapper("projector", num_input_tokens=16, grid_kernel=2, **options)
+    with pytest.raises(ValueError, match="got 3 over 8 tokens"):
+        build_mapper("projector", num_input_tokens=8, grid_kernel=3, **options)
+
+
+def test_projector_depth_is_llava_mlp_nx_gelu():
+    """depth=3 is LLaVA's mlp3x_gelu (three linear layers, GELU between); depth=1 is refused."""
+    options = dict(vision_token_dim=8, vision_embed_dim=6, out_dim=12, num_input_tokens=4, hidden_dim=10)
+    mapper = build_mapper("projector", depth=3, **options)
+    linears = [m for m in mapper.net if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(8, 10), (10, 10), (10, 12)]
+    assert sum(isinstance(m, torch.nn.GELU) for m in mapper.net) == 2
+    with pytest.raises(ValueError, match="at least 2 linear layers"):
+        build_mapper("projector", depth=1, **options)
+
+
 def test_unknown_mapper_is_refused():
     with pytest.raises(ValueError, match="registered: " + ", ".join(sorted(MAPPERS))):
         build_mapper("resampler", vision_token_dim=8, vision_embed_dim=8, out_dim=8)

@@ -7,6 +7,7 @@ and reads either the pooled CLIP embedding or the patch tokens, as its ``source`
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Literal
 
 import torch
@@ -77,11 +78,16 @@ class MLPMapper(Mapper):
 
 
 class ProjectorMapper(Mapper):
-    """LLaVA-1.5's projector: Linear -> GELU -> Linear on each visual token on its own.
+    """LLaVA-1.5's projector: Linear -> GELU -> Linear on each visual token on its own (``depth``
+    linear layers: LLaVA's ``mlp{depth}x_gelu``).
 
     The prefix is one embedding per patch token (``prefix_length`` = the number of tokens), and no
     token sees another: each keeps only what its place in the image holds, and the LLM relates the
     places itself (the transformer mapper's attention mixes them before the LLM sees them).
+
+    ``grid_kernel`` > 0 adds MobileVLM's local context: a depthwise convolution over the square
+    token grid between the two layers (residual, zero at the start, so training starts from the
+    plain projector), letting each token read the parts of an object that lie in its neighbours.
     """
 
     source: Source = "tokens"
@@ -93,16 +99,42 @@ class ProjectorMapper(Mapper):
         num_input_tokens: int | None = None,
         prefix_length: int | None = None,
         hidden_dim: int | None = None,
+        depth: int = 2,
+        grid_kernel: int = 0,
         source: Source = "tokens",
     ) -> None:
         if source != "tokens":
             raise ValueError(f"the projector maps patch tokens (source=tokens), got source={source!r}")
         super().__init__(one_per_token(prefix_length, num_input_tokens, "the projector"))
+        if depth < 2:
+            raise ValueError(f"the projector has at least 2 linear layers (depth), got {depth}")
         hidden_dim = hidden_dim or out_dim  # LLaVA-1.5: the LLM's width
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+        layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim)]
+        for _ in range(depth - 2):
+            layers += [nn.GELU(), nn.Linear(hidden_dim, hidden_dim)]
+        self.net = nn.Sequential(*layers, nn.GELU(), nn.Linear(hidden_dim, out_dim))
+        self.grid_conv: nn.Conv2d | None = None
+        if grid_kernel:
+            self.grid_side = math.isqrt(self.prefix_length)
+            if grid_kernel < 0 or grid_kernel % 2 == 0 or self.grid_side**2 != self.prefix_length:
+                raise ValueError(
+                    f"grid_kernel must be an odd size over a square token grid; got {grid_kernel} "
+                    f"over {self.prefix_length} tokens"
+                )
+            self.grid_conv = nn.Conv2d(
+                hidden_dim, hidden_dim, grid_kernel, padding=grid_kernel // 2, groups=hidden_dim
+            )
+            nn.init.zeros_(self.grid_conv.weight)
+            nn.init.zeros_(self.grid_conv.bias)
 
     def forward(self, features: VisualFeatures) -> torch.Tensor:
-        return self.net(features.tokens)
+        if self.grid_conv is None:
+            return self.net(features.tokens)
+        hidden = self.net[:2](features.tokens)
+        batch, tokens, width = hidden.shape
+        grid = hidden.transpose(1, 2).reshape(batch, width, self.grid_side, self.grid_side)
+        hidden = hidden + self.grid_conv(grid).flatten(2).transpose(1, 2)
+        return self.net[2:](hidden)
 
 
 class TransformerMapper(Mapper):
