@@ -86,7 +86,7 @@ class ProjectorMapper(Mapper):
     places itself (the transformer mapper's attention mixes them before the LLM sees them).
 
     ``grid_kernel`` > 0 adds MobileVLM's local context: a depthwise convolution over the square
-    token grid between the two layers (residual, zero at the start, so training starts from the
+    token grid after the first layer (residual, zero at the start, so training starts from the
     plain projector), letting each token read the parts of an object that lie in its neighbours.
     """
 
@@ -131,7 +131,7 @@ class ProjectorMapper(Mapper):
         if self.grid_conv is None:
             return self.net(features.tokens)
         hidden = self.net[:2](features.tokens)
-        batch, tokens, width = hidden.shape
+        batch, _, width = hidden.shape
         grid = hidden.transpose(1, 2).reshape(batch, width, self.grid_side, self.grid_side)
         hidden = hidden + self.grid_conv(grid).flatten(2).transpose(1, 2)
         return self.net[2:](hidden)
