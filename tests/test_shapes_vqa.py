@@ -7,7 +7,8 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from vgtrain.data.shapes_vqa import PHRASINGS, QUESTION_TYPES, _scenes, write_shapes_vqa_dataset
+from vgtrain.data.shapes_questions import PHRASINGS, QUESTION_TYPES
+from vgtrain.data.shapes_vqa import _scenes, write_shapes_vqa_dataset
 from vgtrain.data.synthetic import COLORS, SHAPES, SIZES
 
 COLOR = "(?:" + "|".join(COLORS) + ")"

@@ -1,0 +1,229 @@
+"""What to ask about a shapes scene: question types, their phrasings (training and held-out),
+and :class:`QuestionMaker`, which draws a conversation whose every answer is a pure function of the
+scene. :mod:`vgtrain.data.shapes_vqa` writes them into the VQA demo's shards.
+"""
+
+from __future__ import annotations
+
+import random
+
+from vgtrain.data.synthetic import (
+    ALL_PAIRS,
+    COLORS,
+    HORIZONTAL,
+    VERTICAL,
+    Scene,
+    Shape,
+    _cell_index,
+    describe_placed,
+)
+
+QUESTION_TYPES: tuple[str, ...] = (
+    "color",
+    "shape",
+    "size",
+    "position",
+    "count",
+    "relation",
+    "yes_no",
+    "followup",
+)
+# Asked in the training split only, and only when train_type_weights gives them a weight: an
+# answer that names every attribute of the object a question refers to ("Describe the square."
+# -> "a small red square at the top left") supervises several tokens per look-up of "the square".
+TRAINING_ONLY_TYPES: tuple[str, ...] = ("describe",)
+
+# type -> (training phrasings, held-out phrasings). {ref}: the asked-about object; {color},
+# {shape}: asked-about attributes; {other}: the other object of a two-shape scene.
+PHRASINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "color": (
+        ("What color is {ref}?", "What is the color of {ref}?", "Which color does {ref} have?"),
+        ("Tell me the color of {ref}.", "Can you name the color of {ref}?"),
+    ),
+    "shape": (
+        ("What shape is {ref}?", "What kind of shape is {ref}?", "Which shape is {ref}?"),
+        ("Name the shape of {ref}.", "What form does {ref} have?"),
+    ),
+    "size": (
+        ("Is {ref} small or large?", "What size is {ref}?", "How big is {ref}?"),
+        ("Is {ref} large or small?", "Tell me the size of {ref}."),
+    ),
+    "position": (
+        ("Where is {ref}?", "Where is {ref} located?", "In which part of the image is {ref}?"),
+        ("Where can {ref} be found?", "What is the position of {ref}?"),
+    ),
+    "count": (
+        ("How many shapes are there?", "How many objects are in the image?"),
+        ("Count the shapes.", "What is the number of objects?"),
+    ),
+    "count_color": (
+        ("How many {color} shapes are there?", "How many {color} objects can you see?"),
+        ("Count the {color} shapes.", "What is the number of {color} objects?"),
+    ),
+    "side": (
+        ("Is {ref} on the left or on the right?", "On which side is {ref}?"),
+        ("Which side of the image is {ref} on?", "Is {ref} at the left or at the right?"),
+    ),
+    "left_of": (
+        ("What is left of {other}?", "Which shape is left of {other}?"),
+        ("What is to the left of {other}?", "Name the shape left of {other}."),
+    ),
+    "right_of": (
+        ("What is right of {other}?", "Which shape is right of {other}?"),
+        ("What is to the right of {other}?", "Name the shape right of {other}."),
+    ),
+    "exists": (
+        ("Is there a {color} {shape}?", "Is there a {color} {shape} in the image?"),
+        ("Do you see a {color} {shape}?", "Does the image contain a {color} {shape}?"),
+    ),
+    "is_color": (
+        ("Is {ref} {color}?", "Is the color of {ref} {color}?"),
+        ("Is {ref} colored {color}?", "Would you say {ref} is {color}?"),
+    ),
+    "describe": (("Describe {ref}.", "What does {ref} look like?"), ("Give a description of {ref}.",)),
+    "followup_color": (("What color is it?", "And what color is it?"), ("Which color does it have?",)),
+    "followup_size": (("Is it small or large?", "How big is it?"), ("What size does it have?",)),
+    "followup_shape": (("What shape is it?", "And its shape?"), ("Which shape does it have?",)),
+    "followup_side": (
+        ("Which side is it on?", "Is it on the left or on the right?"),
+        ("Where is it, left or right?",),
+    ),
+    "followup_position": (("Where is it?", "And where is it?"), ("In which part of the image is it?",)),
+}
+
+
+def _side(scene: Scene, obj: Shape) -> str:
+    return "left" if obj.cx < scene.image_size / 2 else "right"
+
+
+def _by_shape(scene: Scene, obj: Shape) -> str:
+    """The object named by its shape, disambiguated by side when both shapes are alike."""
+    if len(scene.shapes) == 1 or len({s.shape for s in scene.shapes}) == 2:
+        return f"the {obj.shape}"
+    return f"the {_side(scene, obj)} {obj.shape}"
+
+
+def _by_color(scene: Scene, obj: Shape) -> str:
+    """The object named by its colour (for questions about its shape)."""
+    if len(scene.shapes) == 1:
+        return "the object"
+    if len({s.color for s in scene.shapes}) == 2:
+        return f"the {obj.color} object"
+    return f"the {_side(scene, obj)} object"
+
+
+def _position(scene: Scene, obj: Shape) -> str:
+    row = VERTICAL[_cell_index(obj.cy, scene.image_size)]
+    col = HORIZONTAL[_cell_index(obj.cx, scene.image_size)]
+    return "center" if (row, col) == ("middle", "center") else f"{row} {col}"
+
+
+class QuestionMaker:
+    """Draws (question, answer, type) for a scene with one RNG and one phrasing set."""
+
+    def __init__(
+        self, rng: random.Random, heldout_phrasing: bool, type_weights: dict[str, float] | None = None
+    ) -> None:
+        self.rng = rng
+        self.pick = 1 if heldout_phrasing else 0
+        self.type_weights = type_weights
+
+    def phrase(self, key: str, **fields: str) -> str:
+        return self.rng.choice(PHRASINGS[key][self.pick]).format(**fields)
+
+    def types(self, scene: Scene) -> list[str]:
+        kinds = ["color", "shape", "size", "count", "yes_no"]
+        kinds.append("position" if len(scene.shapes) == 1 else "relation")
+        if self.type_weights:
+            kinds += [kind for kind in TRAINING_ONLY_TYPES if self.type_weights.get(kind, 0) > 0]
+        return kinds
+
+    def question(self, scene: Scene, kind: str) -> tuple[str, str, Shape | None]:
+        """(question, answer, the object asked about or None)."""
+        rng, shapes = self.rng, scene.shapes
+        obj = rng.choice(shapes)
+        if kind == "color":
+            return self.phrase("color", ref=_by_shape(scene, obj)), obj.color, obj
+        if kind == "shape":
+            return self.phrase("shape", ref=_by_color(scene, obj)), obj.shape, obj
+        if kind == "size":
+            return self.phrase("size", ref=_by_shape(scene, obj)), obj.size, obj
+        if kind == "position":
+            return self.phrase("position", ref=f"the {obj.shape}"), _position(scene, obj), obj
+        if kind == "count":
+            if rng.random() < 0.4:
+                return self.phrase("count"), str(len(shapes)), None
+            present = rng.random() < 0.7
+            color = (
+                obj.color
+                if present
+                else rng.choice([c for c in COLORS if c not in {s.color for s in shapes}])
+            )
+            return self.phrase("count_color", color=color), str(sum(s.color == color for s in shapes)), None
+        if kind == "relation":
+            left, right = sorted(shapes, key=lambda s: s.cx)
+            form = rng.choice(("side", "left_of", "right_of"))
+            if form == "side":
+                return self.phrase("side", ref=_by_shape(scene, obj)), _side(scene, obj), obj
+            if form == "left_of":
+                return (
+                    self.phrase("left_of", other=_by_shape(scene, right)),
+                    f"{left.color} {left.shape}",
+                    left,
+                )
+            return (
+                self.phrase("right_of", other=_by_shape(scene, left)),
+                f"{right.color} {right.shape}",
+                right,
+            )
+        if kind == "yes_no":
+            if rng.random() < 0.5:
+                truth = rng.random() < 0.5
+                color = obj.color if truth else rng.choice([c for c in COLORS if c != obj.color])
+                return self.phrase("is_color", ref=_by_shape(scene, obj), color=color), _yes(truth), obj
+            present = {(s.color, s.shape) for s in shapes}
+            truth = rng.random() < 0.5
+            color, shape = (obj.color, obj.shape) if truth else rng.choice(sorted(ALL_PAIRS - present))
+            return self.phrase("exists", color=color, shape=shape), _yes(truth), None
+        if kind == "describe":
+            ref = _by_shape(scene, obj) if rng.random() < 0.5 else _by_color(scene, obj)
+            return self.phrase("describe", ref=ref), describe_placed(obj, scene.image_size), obj
+        raise ValueError(f"unknown question type {kind!r}")
+
+    def followup(self, scene: Scene, obj: Shape, asked: str) -> tuple[str, str]:
+        """A second turn about "it" (the first turn's object), asking another attribute."""
+        choices = [k for k in ("color", "size", "shape") if k != asked]
+        choices.append("position" if len(scene.shapes) == 1 else "side")
+        kind = self.rng.choice(choices)
+        answer = {
+            "color": obj.color,
+            "size": obj.size,
+            "shape": obj.shape,
+            "position": _position(scene, obj),
+            "side": _side(scene, obj),
+        }[kind]
+        return self.phrase(f"followup_{kind}"), answer
+
+    def conversation(self, scene: Scene, dialogue: bool) -> list[dict[str, str]]:
+        kinds = self.types(scene)
+        if dialogue:
+            first = self.rng.choice(["color", "size", "shape"])
+            question, answer, obj = self.question(scene, first)
+            assert obj is not None
+            follow_q, follow_a = self.followup(scene, obj, first)
+            return [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer, "type": first},
+                {"role": "user", "content": follow_q},
+                {"role": "assistant", "content": follow_a, "type": "followup"},
+            ]
+        if self.type_weights is None:
+            kind = self.rng.choice(kinds)
+        else:
+            kind = self.rng.choices(kinds, weights=[self.type_weights.get(k, 1.0) for k in kinds])[0]
+        question, answer, _ = self.question(scene, kind)
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": answer, "type": kind}]
+
+
+def _yes(truth: bool) -> str:
+    return "yes" if truth else "no"
