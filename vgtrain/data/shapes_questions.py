@@ -31,7 +31,11 @@ QUESTION_TYPES: tuple[str, ...] = (
 # Asked in the training split only, and only when train_type_weights gives them a weight: an
 # answer that names every attribute of the object a question refers to ("Describe the square."
 # -> "a small red square at the top left") supervises several tokens per look-up of "the square".
-TRAINING_ONLY_TYPES: tuple[str, ...] = ("describe",)
+# `inventory` ("Describe the shapes." -> "the square is large and blue on the right, and the
+# circle is small and red on the left", the objects in random order) names each object first
+# and then reads its attributes: the look-up by name that captions (attributes, then the shape,
+# left object first) never train.
+TRAINING_ONLY_TYPES: tuple[str, ...] = ("describe", "inventory")
 
 # type -> (training phrasings, held-out phrasings). {ref}: the asked-about object; {color},
 # {shape}: asked-about attributes; {other}: the other object of a two-shape scene.
@@ -81,6 +85,7 @@ PHRASINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("Is {ref} colored {color}?", "Would you say {ref} is {color}?"),
     ),
     "describe": (("Describe {ref}.", "What does {ref} look like?"), ("Give a description of {ref}.",)),
+    "inventory": (("Describe the shapes.", "What shapes are in the image?"), ("List the shapes.",)),
     "followup_color": (("What color is it?", "And what color is it?"), ("Which color does it have?",)),
     "followup_size": (("Is it small or large?", "How big is it?"), ("What size does it have?",)),
     "followup_shape": (("What shape is it?", "And its shape?"), ("Which shape does it have?",)),
@@ -110,6 +115,21 @@ def _by_color(scene: Scene, obj: Shape) -> str:
     if len({s.color for s in scene.shapes}) == 2:
         return f"the {obj.color} object"
     return f"the {_side(scene, obj)} object"
+
+
+def _inventory(scene: Scene, rng: random.Random) -> str:
+    """Each object named first (as the questions name it), then its size, colour and place; two
+    objects in random order, so that the first named is found by its name, not by its side."""
+    parts = []
+    for obj in rng.sample(scene.shapes, len(scene.shapes)):
+        where = f"on the {_side(scene, obj)}" if len(scene.shapes) == 2 else _placed(scene, obj)
+        parts.append(f"{_by_shape(scene, obj)} is {obj.size} and {obj.color} {where}")
+    return ", and ".join(parts)
+
+
+def _placed(scene: Scene, obj: Shape) -> str:
+    where = _position(scene, obj)
+    return "in the center" if where == "center" else f"at the {where}"
 
 
 def _position(scene: Scene, obj: Shape) -> str:
@@ -188,6 +208,8 @@ class QuestionMaker:
         if kind == "describe":
             ref = _by_shape(scene, obj) if rng.random() < 0.5 else _by_color(scene, obj)
             return self.phrase("describe", ref=ref), describe_placed(obj, scene.image_size), obj
+        if kind == "inventory":
+            return self.phrase("inventory"), _inventory(scene, rng), None
         raise ValueError(f"unknown question type {kind!r}")
 
     def followup(self, scene: Scene, obj: Shape, asked: str) -> tuple[str, str]:
