@@ -183,6 +183,20 @@ def test_inventory_names_each_object_then_reads_it_in_random_order():
     assert two_shape > 200 and 0.35 < left_first / two_shape < 0.65
 
 
+def test_present_answers_whether_one_attribute_is_in_the_scene():
+    """The training-only "present" type: "Is there a red shape?" / "Is there a circle?" is
+    answered yes exactly when some object has that colour / shape; both answers are common."""
+    answers = []
+    for scene, conversations in _scenes("train", 300, 64, 0, 4, 0.0, {"present": 50.0}):
+        for question, answer in (c for c in conversations if c[1]["type"] == "present"):
+            text = question["content"]
+            (word,) = [w for w in re.findall(r"\w+", text) if w in COLORS or w in SHAPES]
+            present = any(word in (s.color, s.shape) for s in scene.shapes)
+            assert answer["content"] == ("yes" if present else "no"), text
+            answers.append(answer["content"])
+    assert len(answers) > 500 and 0.4 < answers.count("yes") / len(answers) < 0.6
+
+
 def _members(shard):
     with tarfile.open(shard) as tar:
         return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]

@@ -11,6 +11,7 @@ from vgtrain.data.synthetic import (
     ALL_PAIRS,
     COLORS,
     HORIZONTAL,
+    SHAPES,
     VERTICAL,
     Scene,
     Shape,
@@ -35,7 +36,9 @@ QUESTION_TYPES: tuple[str, ...] = (
 # circle is small and red on the left", the objects in random order) names each object first
 # and then reads its attributes: the look-up by name that captions (attributes, then the shape,
 # left object first) never train.
-TRAINING_ONLY_TYPES: tuple[str, ...] = ("describe", "inventory")
+# `present` ("Is there a red shape?", "Is there a circle?") asks for one attribute's presence:
+# the simplest form of the match yes/no and counts of a colour need.
+TRAINING_ONLY_TYPES: tuple[str, ...] = ("describe", "inventory", "present")
 
 # type -> (training phrasings, held-out phrasings). {ref}: the asked-about object; {color},
 # {shape}: asked-about attributes; {other}: the other object of a two-shape scene.
@@ -85,6 +88,8 @@ PHRASINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("Is {ref} colored {color}?", "Would you say {ref} is {color}?"),
     ),
     "describe": (("Describe {ref}.", "What does {ref} look like?"), ("Give a description of {ref}.",)),
+    "present_color": (("Is there a {color} shape?", "Is anything {color}?"), ("Do you see a {color} shape?",)),
+    "present_shape": (("Is there a {shape}?", "Is there a {shape} in the image?"), ("Do you see a {shape}?",)),
     "inventory": (("Describe the shapes.", "What shapes are in the image?"), ("List the shapes.",)),
     "followup_color": (("What color is it?", "And what color is it?"), ("Which color does it have?",)),
     "followup_size": (("Is it small or large?", "How big is it?"), ("What size does it have?",)),
@@ -208,6 +213,15 @@ class QuestionMaker:
         if kind == "describe":
             ref = _by_shape(scene, obj) if rng.random() < 0.5 else _by_color(scene, obj)
             return self.phrase("describe", ref=ref), describe_placed(obj, scene.image_size), obj
+        if kind == "present":
+            truth = rng.random() < 0.5
+            if rng.random() < 0.5:
+                colors = {s.color for s in shapes}
+                color = obj.color if truth else rng.choice([c for c in COLORS if c not in colors])
+                return self.phrase("present_color", color=color), _yes(truth), None
+            forms = {s.shape for s in shapes}
+            shape = obj.shape if truth else rng.choice([f for f in SHAPES if f not in forms])
+            return self.phrase("present_shape", shape=shape), _yes(truth), None
         if kind == "inventory":
             return self.phrase("inventory"), _inventory(scene, rng), None
         raise ValueError(f"unknown question type {kind!r}")
