@@ -88,8 +88,14 @@ PHRASINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("Is {ref} colored {color}?", "Would you say {ref} is {color}?"),
     ),
     "describe": (("Describe {ref}.", "What does {ref} look like?"), ("Give a description of {ref}.",)),
-    "present_color": (("Is there a {color} shape?", "Is anything {color}?"), ("Do you see a {color} shape?",)),
-    "present_shape": (("Is there a {shape}?", "Is there a {shape} in the image?"), ("Do you see a {shape}?",)),
+    "present_color": (
+        ("Is there a {color} shape?", "Is anything {color}?"),
+        ("Do you see a {color} shape?",),
+    ),
+    "present_shape": (
+        ("Is there a {shape}?", "Is there a {shape} in the image?"),
+        ("Do you see a {shape}?",),
+    ),
     "inventory": (("Describe the shapes.", "What shapes are in the image?"), ("List the shapes.",)),
     "followup_color": (("What color is it?", "And what color is it?"), ("Which color does it have?",)),
     "followup_size": (("Is it small or large?", "How big is it?"), ("What size does it have?",)),
