@@ -17,6 +17,7 @@ from vgtrain.data.synthetic import (
     Shape,
     _cell_index,
     describe_placed,
+    place_phrase,
 )
 
 QUESTION_TYPES: tuple[str, ...] = (
@@ -133,14 +134,11 @@ def _inventory(scene: Scene, rng: random.Random) -> str:
     objects in random order, so that the first named is found by its name, not by its side."""
     parts = []
     for obj in rng.sample(scene.shapes, len(scene.shapes)):
-        where = f"on the {_side(scene, obj)}" if len(scene.shapes) == 2 else _placed(scene, obj)
+        where = (
+            f"on the {_side(scene, obj)}" if len(scene.shapes) == 2 else place_phrase(obj, scene.image_size)
+        )
         parts.append(f"{_by_shape(scene, obj)} is {obj.size} and {obj.color} {where}")
     return ", and ".join(parts)
-
-
-def _placed(scene: Scene, obj: Shape) -> str:
-    where = _position(scene, obj)
-    return "in the center" if where == "center" else f"at the {where}"
 
 
 def _position(scene: Scene, obj: Shape) -> str:

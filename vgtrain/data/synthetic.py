@@ -146,12 +146,16 @@ def _describe(shape: Shape) -> str:
     return f"a {shape.size} {shape.color} {shape.shape}"
 
 
-def describe_placed(shape: Shape, image_size: int) -> str:
-    """One shape with its place: "a large red circle at the top left", "... in the center"."""
+def place_phrase(shape: Shape, image_size: int) -> str:
+    """Where a shape lies, as captions say it: "at the top left", "in the center"."""
     row = VERTICAL[_cell_index(shape.cy, image_size)]
     col = HORIZONTAL[_cell_index(shape.cx, image_size)]
-    where = "in the center" if (row, col) == ("middle", "center") else f"at the {row} {col}"
-    return f"{_describe(shape)} {where}"
+    return "in the center" if (row, col) == ("middle", "center") else f"at the {row} {col}"
+
+
+def describe_placed(shape: Shape, image_size: int) -> str:
+    """One shape with its place: "a large red circle at the top left", "... in the center"."""
+    return f"{_describe(shape)} {place_phrase(shape, image_size)}"
 
 
 def caption(scene: Scene) -> str:
