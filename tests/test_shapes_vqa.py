@@ -197,6 +197,36 @@ def test_present_answers_whether_one_attribute_is_in_the_scene():
     assert len(answers) > 500 and 0.4 < answers.count("yes") / len(answers) < 0.6
 
 
+def test_verify_answers_read_the_object_then_compare():
+    """The training-only "verify" type: "Check whether the circle is red." -> "the circle is blue,
+    so no": the objects read are the scene's, and the verdict is yes exactly when the asked colour
+    (and shape) is there; both verdicts are common."""
+    verdicts = []
+    for scene, conversations in _scenes("train", 300, 64, 0, 4, 0.0, {"verify": 50.0}):
+        for question, answer in (c for c in conversations if c[1]["type"] == "verify"):
+            text, reply = question["content"], answer["content"]
+            found, verdict = reply.rsplit(", so ", 1)
+            asked_color = next(w for w in re.findall(r"\w+", text) if w in COLORS)
+            asked_shape = next((w for w in re.findall(r"\w+", text) if w in SHAPES), None)
+            readings = re.findall(f"the (?:(left|right) )?({SHAPE}) is ({COLOR})", found)
+            for side, shape, color in readings:
+                assert any(
+                    (s.shape, s.color) == (shape, color) and side in ("", "left" if s.cx < 32 else "right")
+                    for s in scene.shapes
+                ), reply
+            if not readings:
+                assert found == f"there is no {asked_shape}"
+                assert asked_shape not in {s.shape for s in scene.shapes}
+            assert verdict == ("yes" if any(color == asked_color for _, _, color in readings) else "no"), (
+                reply
+            )
+            if text.startswith(("Check whether there", "Look for")):
+                present = any((s.color, s.shape) == (asked_color, asked_shape) for s in scene.shapes)
+                assert verdict == ("yes" if present else "no"), reply
+            verdicts.append(verdict)
+    assert len(verdicts) > 500 and 0.4 < verdicts.count("yes") / len(verdicts) < 0.6
+
+
 def _members(shard):
     with tarfile.open(shard) as tar:
         return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]

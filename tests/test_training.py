@@ -102,6 +102,17 @@ def test_warmup_then_cosine_schedule():
     assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
 
 
+def test_warmup_stable_decay_schedule_holds_the_peak_then_decays_over_its_share():
+    values = [
+        warmup_cosine(s, warmup_steps=10, total_steps=110, min_lr_ratio=0.1, decay_fraction=0.25)
+        for s in range(111)
+    ]
+    assert values[9] == pytest.approx(1.0) and values[85] == pytest.approx(1.0)
+    assert values[86] < 1.0 and values[110] == pytest.approx(0.1)
+    assert 0.5 < values[98] < 0.6  # about halfway through the last 25 steps (0.55 at 97.5)
+    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
+
+
 def test_checkpoint_with_another_adapter_shape_is_refused(shapes_dir, tmp_path):
     module = _module()
     trainer = _fit(module, _datamodule(module, shapes_dir, cache_features=True), tmp_path, steps=2)

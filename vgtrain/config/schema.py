@@ -129,6 +129,7 @@ class OptimizerSchema:
 class SchedulerSchema:
     warmup_steps: int = integer(0)
     min_lr_ratio: float = number(0.0, 1.0)
+    decay_fraction: float = number(0.0, 1.0, above=True)
 
 
 @dataclass

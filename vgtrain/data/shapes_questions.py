@@ -39,7 +39,10 @@ QUESTION_TYPES: tuple[str, ...] = (
 # left object first) never train.
 # `present` ("Is there a red shape?", "Is there a circle?") asks for one attribute's presence:
 # the simplest form of the match yes/no and counts of a colour need.
-TRAINING_ONLY_TYPES: tuple[str, ...] = ("describe", "inventory", "present")
+# `verify` ("Check whether the circle is red." -> "the circle is blue, so no") asks a yes/no
+# question whose answer reads the object first and then compares: the comparison is made between
+# a word just said and a word of the question, not between two features of the image.
+TRAINING_ONLY_TYPES: tuple[str, ...] = ("describe", "inventory", "present", "verify")
 
 # type -> (training phrasings, held-out phrasings). {ref}: the asked-about object; {color},
 # {shape}: asked-about attributes; {other}: the other object of a two-shape scene.
@@ -96,6 +99,14 @@ PHRASINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "present_shape": (
         ("Is there a {shape}?", "Is there a {shape} in the image?"),
         ("Do you see a {shape}?",),
+    ),
+    "verify_color": (
+        ("Check whether {ref} is {color}.", "Look at {ref}: is it {color}?"),
+        ("Find out if {ref} is {color}.",),
+    ),
+    "verify_exists": (
+        ("Check whether there is a {color} {shape}.", "Look for a {color} {shape}: is there one?"),
+        ("Find out if there is a {color} {shape}.",),
     ),
     "inventory": (("Describe the shapes.", "What shapes are in the image?"), ("List the shapes.",)),
     "followup_color": (("What color is it?", "And what color is it?"), ("Which color does it have?",)),
@@ -228,6 +239,20 @@ class QuestionMaker:
             return self.phrase("present_shape", shape=shape), _yes(truth), None
         if kind == "inventory":
             return self.phrase("inventory"), _inventory(scene, rng), None
+        if kind == "verify":
+            truth = rng.random() < 0.5
+            if rng.random() < 0.5:
+                ref = _by_shape(scene, obj)
+                color = obj.color if truth else rng.choice([c for c in COLORS if c != obj.color])
+                answer = f"{ref} is {obj.color}, so {_yes(truth)}"
+                return self.phrase("verify_color", ref=ref, color=color), answer, obj
+            present = {(s.color, s.shape) for s in shapes}
+            color, shape = (obj.color, obj.shape) if truth else rng.choice(sorted(ALL_PAIRS - present))
+            alike = [s for s in shapes if s.shape == shape]
+            found = (
+                " and ".join(f"{_by_shape(scene, s)} is {s.color}" for s in alike) or f"there is no {shape}"
+            )
+            return self.phrase("verify_exists", color=color, shape=shape), f"{found}, so {_yes(truth)}", None
         raise ValueError(f"unknown question type {kind!r}")
 
     def followup(self, scene: Scene, obj: Shape, asked: str) -> tuple[str, str]:

@@ -27,11 +27,17 @@ from vgtrain.training.speed import (
 )
 
 
-def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup from 0, then cosine decay to ``min_lr_ratio``."""
+def warmup_cosine(
+    step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float, decay_fraction: float = 1.0
+) -> float:
+    """LR multiplier: linear warmup from 0, then cosine decay to ``min_lr_ratio``. With
+    ``decay_fraction`` < 1 the rate holds at its peak and decays over only that last share of the
+    steps after warmup (warmup-stable-decay, as MiniCPM trains): skills learnt late, suddenly,
+    still get a high rate."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    decay_steps = max(1, round(decay_fraction * (total_steps - warmup_steps)))
+    progress = min(1.0, max(0, step - (total_steps - decay_steps)) / decay_steps)
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -156,6 +162,7 @@ class CaptioningModule(L.LightningModule):
             warmup_steps=int(self.scheduler_options.get("warmup_steps", 0)) or 1,
             total_steps=total,
             min_lr_ratio=float(self.scheduler_options.get("min_lr_ratio", 0.0)),
+            decay_fraction=float(self.scheduler_options.get("decay_fraction", 1.0)),
         )
         return {
             "optimizer": optimizer,
