@@ -219,11 +219,10 @@ class QuestionMaker:
         if kind == "yes_no":
             if rng.random() < 0.5:
                 truth = rng.random() < 0.5
-                color = obj.color if truth else rng.choice([c for c in COLORS if c != obj.color])
+                color = _asked_color(rng, obj, truth)
                 return self.phrase("is_color", ref=_by_shape(scene, obj), color=color), _yes(truth), obj
-            present = {(s.color, s.shape) for s in shapes}
             truth = rng.random() < 0.5
-            color, shape = (obj.color, obj.shape) if truth else rng.choice(sorted(ALL_PAIRS - present))
+            color, shape = _asked_pair(rng, scene, obj, truth)
             return self.phrase("exists", color=color, shape=shape), _yes(truth), None
         if kind == "describe":
             ref = _by_shape(scene, obj) if rng.random() < 0.5 else _by_color(scene, obj)
@@ -243,11 +242,10 @@ class QuestionMaker:
             truth = rng.random() < 0.5
             if rng.random() < 0.5:
                 ref = _by_shape(scene, obj)
-                color = obj.color if truth else rng.choice([c for c in COLORS if c != obj.color])
+                color = _asked_color(rng, obj, truth)
                 answer = f"{ref} is {obj.color}, so {_yes(truth)}"
                 return self.phrase("verify_color", ref=ref, color=color), answer, obj
-            present = {(s.color, s.shape) for s in shapes}
-            color, shape = (obj.color, obj.shape) if truth else rng.choice(sorted(ALL_PAIRS - present))
+            color, shape = _asked_pair(rng, scene, obj, truth)
             alike = [s for s in shapes if s.shape == shape]
             found = (
                 " and ".join(f"{_by_shape(scene, s)} is {s.color}" for s in alike) or f"there is no {shape}"
@@ -288,6 +286,17 @@ class QuestionMaker:
             kind = self.rng.choices(kinds, weights=[self.type_weights.get(k, 1.0) for k in kinds])[0]
         question, answer, _ = self.question(scene, kind)
         return [{"role": "user", "content": question}, {"role": "assistant", "content": answer, "type": kind}]
+
+
+def _asked_color(rng: random.Random, obj: Shape, truth: bool) -> str:
+    """The colour a yes/no question asks ``obj`` about: its own when the answer is yes."""
+    return obj.color if truth else rng.choice([c for c in COLORS if c != obj.color])
+
+
+def _asked_pair(rng: random.Random, scene: Scene, obj: Shape, truth: bool) -> tuple[str, str]:
+    """The (colour, shape) a question asks the presence of: ``obj``'s, or one absent from the scene."""
+    present = {(s.color, s.shape) for s in scene.shapes}
+    return (obj.color, obj.shape) if truth else rng.choice(sorted(ALL_PAIRS - present))
 
 
 def _yes(truth: bool) -> str:
