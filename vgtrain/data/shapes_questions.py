@@ -10,13 +10,11 @@ import random
 from vgtrain.data.synthetic import (
     ALL_PAIRS,
     COLORS,
-    HORIZONTAL,
     SHAPES,
-    VERTICAL,
     Scene,
     Shape,
-    _cell_index,
     describe_placed,
+    grid_cell,
     place_phrase,
 )
 
@@ -152,12 +150,6 @@ def _inventory(scene: Scene, rng: random.Random) -> str:
     return ", and ".join(parts)
 
 
-def _position(scene: Scene, obj: Shape) -> str:
-    row = VERTICAL[_cell_index(obj.cy, scene.image_size)]
-    col = HORIZONTAL[_cell_index(obj.cx, scene.image_size)]
-    return "center" if (row, col) == ("middle", "center") else f"{row} {col}"
-
-
 class QuestionMaker:
     """Draws (question, answer, type) for a scene with one RNG and one phrasing set."""
 
@@ -189,7 +181,7 @@ class QuestionMaker:
         if kind == "size":
             return self.phrase("size", ref=_by_shape(scene, obj)), obj.size, obj
         if kind == "position":
-            return self.phrase("position", ref=f"the {obj.shape}"), _position(scene, obj), obj
+            return self.phrase("position", ref=f"the {obj.shape}"), grid_cell(obj, scene.image_size), obj
         if kind == "count":
             if rng.random() < 0.4:
                 return self.phrase("count"), str(len(shapes)), None
@@ -262,7 +254,7 @@ class QuestionMaker:
             "color": obj.color,
             "size": obj.size,
             "shape": obj.shape,
-            "position": _position(scene, obj),
+            "position": grid_cell(obj, scene.image_size),
             "side": _side(scene, obj),
         }[kind]
         return self.phrase(f"followup_{kind}"), answer

@@ -146,11 +146,17 @@ def _describe(shape: Shape) -> str:
     return f"a {shape.size} {shape.color} {shape.shape}"
 
 
-def place_phrase(shape: Shape, image_size: int) -> str:
-    """Where a shape lies, as captions say it: "at the top left", "in the center"."""
+def grid_cell(shape: Shape, image_size: int) -> str:
+    """The 3x3 cell a shape lies in: "top left", ..., "center" (the middle one)."""
     row = VERTICAL[_cell_index(shape.cy, image_size)]
     col = HORIZONTAL[_cell_index(shape.cx, image_size)]
-    return "in the center" if (row, col) == ("middle", "center") else f"at the {row} {col}"
+    return "center" if (row, col) == ("middle", "center") else f"{row} {col}"
+
+
+def place_phrase(shape: Shape, image_size: int) -> str:
+    """Where a shape lies, as captions say it: "at the top left", "in the center"."""
+    cell = grid_cell(shape, image_size)
+    return "in the center" if cell == "center" else f"at the {cell}"
 
 
 def describe_placed(shape: Shape, image_size: int) -> str:
