@@ -86,6 +86,17 @@ def test_tiny_tokenizer_pads_with_a_token_of_its_own():
     assert model.config.pad_token_id == tokenizer.pad_token_id != model.config.eos_token_id
 
 
+def test_tiny_gpt2_mlp_width():
+    """model.llm.arch.mlp_width sets the GELU MLP's hidden width (GPT-2's n_inner; 4 x width unset)."""
+    from vgtrain.models.backbones.registry import build_llm
+
+    arch = {"family": "gpt2", "width": 48, "layers": 1, "heads": 2}
+    default = build_llm("tiny", arch=arch).model.transformer.h[0].mlp
+    wide = build_llm("tiny", arch={**arch, "mlp_width": 384}).model.transformer.h[0].mlp
+    assert default.c_fc.weight.shape == (48, 192)  # Conv1D: [in, out]
+    assert wide.c_fc.weight.shape == (48, 384) and wide.c_proj.weight.shape == (384, 48)
+
+
 def test_tiny_llm_of_the_llama_family():
     """model.llm.arch.family=llama: SmolLM2's blocks at the tiny size (a gated MLP of 8/3 x width,
     as many MLP weights as GPT-2's), rebuilt identically from init_seed; an unknown family is

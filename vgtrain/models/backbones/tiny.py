@@ -129,17 +129,20 @@ def build_tiny_gpt2(
     width: int = 192,
     layers: int = 3,
     heads: int = 4,
+    mlp_width: int | None = None,
     max_positions: int = 128,
     init_seed: int = 0,
     vocab_size: int | None = None,
 ) -> GPT2LMHeadModel:
-    """``vocab_size`` pads the embedding and output head beyond the tokenizer (never fewer rows):
+    """``mlp_width``: the MLP's hidden width (GPT-2's ``n_inner``; default 4 x ``width``).
+    ``vocab_size`` pads the embedding and output head beyond the tokenizer (never fewer rows):
     with width 768, 12 layers, 12 heads and 50257 it is GPT-2 small's size (124M), for benchmarks."""
     config = GPT2Config(
         vocab_size=max(len(tokenizer), vocab_size or 0),
         n_embd=width,
         n_layer=layers,
         n_head=heads,
+        n_inner=mlp_width,
         n_positions=max_positions,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
