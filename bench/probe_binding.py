@@ -5,7 +5,7 @@ the 4x4 grid) it takes the token at the object's centre, from the frozen tower's
 the mapper's output (the LLM's prefix embedding), and fits least-squares probes (70 % of the
 objects; accuracy on the rest) for that object's colour and shape and for the other object's.
 A token that holds its own object's colour but not the other's lets the LLM tell which object is
-which. README, "The VQA demo", quotes what it printed:
+which. docs/vqa_demo.md quotes what it printed:
 
     vgtrain export RUN_DIR/checkpoints/last.ckpt probe-export
     .venv/bin/python bench/probe_binding.py probe-export 'DATA/shapes_vqa/train-000000.tar'

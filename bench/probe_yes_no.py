@@ -3,7 +3,7 @@
 For one-shape scenes of a `experiment=demo_vqa` run's training shards, it reads the tiny LM's
 hidden state at the position that predicts the answer, after each block, and fits a least-squares
 linear probe (70 % of the questions; accuracy on the other 30 %) for the object's colour, the asked
-colour and the answer (yes/no). README, "The VQA demo", quotes what it printed:
+colour and the answer (yes/no). docs/vqa_demo.md quotes what it printed:
 
     vgtrain export RUN_DIR/checkpoints/last.ckpt probe-export
     .venv/bin/python bench/probe_yes_no.py probe-export 'DATA/shapes_vqa/train-00000[01].tar'

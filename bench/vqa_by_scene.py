@@ -1,7 +1,7 @@
 """VQA accuracy of a demo_vqa evaluation by question type and number of shapes in the scene.
 
 Joins `vgtrain eval task=vqa`'s `predictions.jsonl` with the scenes stored in the evaluated
-split's shards (each sample's json lists its shapes). README, "The VQA demo", quotes what it
+split's shards (each sample's json lists its shapes). docs/vqa_demo.md quotes what it
 printed for the shipped run:
 
     vgtrain eval task=vqa export=EXPORT data=shapes_vqa decode=greedy

@@ -73,7 +73,7 @@ def test_a_typo_in_an_override_fails_fast():
 
 
 def test_vqa_experiments_take_the_image_place_override_the_readme_shows():
-    """`model.chat.image_place=after` (README, "The VQA demo") needs no leading '+'."""
+    """`model.chat.image_place=after` (docs/vqa_demo.md) needs no leading '+'."""
     for experiment in ("demo_vqa", "smollm2_vqa"):
         assert _compose([f"experiment={experiment}"]).model.chat.image_place == "before"
         cfg = _compose([f"experiment={experiment}", "model.chat.image_place=after"])
