@@ -230,3 +230,20 @@ def test_verify_answers_read_the_object_then_compare():
 def _members(shard):
     with tarfile.open(shard) as tar:
         return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def test_corpus_leaves_out_training_only_phrasings(tmp_path):
+    """The tokenizer corpus holds every held-out phrasing of the asked types and none of a
+    training-only type's ("Do you see a {shape}?" of `present`): adding such a type must not change
+    the tokenizer, so every run, of configurations that never ask it."""
+    from vgtrain.data.shapes_questions import TRAINING_ONLY_TYPES
+    from vgtrain.data.shapes_vqa import write_corpus
+
+    corpus = tmp_path / "corpus.txt"
+    write_corpus(corpus, image_size=64, seed=0, dialogue_share=0.3)
+    lines = set(corpus.read_text().splitlines())
+    for key, (_, heldout) in PHRASINGS.items():
+        training_only = any(key == kind or key.startswith(f"{kind}_") for kind in TRAINING_ONLY_TYPES)
+        for phrasing in heldout:
+            assert (phrasing in lines) != training_only, (key, phrasing)
+    assert "Do you see a {shape}?" not in lines and "Find out if {ref} is {color}." not in lines

@@ -75,6 +75,10 @@ def _split_samples(
         }
 
 
+def _training_only(phrasing_key: str) -> bool:
+    return any(phrasing_key == kind or phrasing_key.startswith(f"{kind}_") for kind in TRAINING_ONLY_TYPES)
+
+
 def write_corpus(path: Path, image_size: int, seed: int, dialogue_share: float) -> None:
     """Text to learn the tiny tokenizer's merges from (``model.llm.tokenizer_corpus``): training
     conversations in their natural word frequencies, plus every held-out phrasing once, so the
@@ -83,11 +87,9 @@ def write_corpus(path: Path, image_size: int, seed: int, dialogue_share: float) 
     for scene, conversations in _scenes("corpus", 2000, image_size, seed, 2, dialogue_share):
         lines.append(caption(scene))
         lines.extend(turn["content"] for conversation in conversations for turn in conversation)
-    # Training-only types' phrasings stay out: the corpus (so the tokenizer) is the same with or
-    # without them.
-    lines += [
-        p for kind, (_, heldout) in PHRASINGS.items() if kind not in TRAINING_ONLY_TYPES for p in heldout
-    ]
+    # Training-only types' phrasings (keys "present_color", "verify_exists", ...) stay out: the
+    # corpus (so the tokenizer, so every run) is the same whether or not such types exist.
+    lines += [p for key, (_, heldout) in PHRASINGS.items() if not _training_only(key) for p in heldout]
     lines.append("Q: A:")
     atomic_write_text(path, "\n".join(lines) + "\n")
 
