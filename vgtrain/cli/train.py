@@ -39,6 +39,7 @@ from vgtrain.errors import (
 )
 from vgtrain.evaluation.heldout import evaluate_captions, format_examples
 from vgtrain.evaluation.vqa import evaluate_vqa_splits
+from vgtrain.models.grounding import GroundingTargets
 from vgtrain.files import atomic_write_text
 from vgtrain.training.checkpointing import resolve_resume
 from vgtrain.training.datamodule import CaptionDataModule
@@ -70,6 +71,7 @@ def build_module(cfg: DictConfig) -> CaptioningModule:
         chat=container.get("chat"),
         speed={**container.get("speed", {}), "compile": compile_step},
         loss_reduction=container.get("loss_reduction", "token"),
+        grounding=container.get("grounding"),
     )
 
 
@@ -95,6 +97,15 @@ def pack_length(cfg: DictConfig, module: CaptioningModule) -> int:
     return length
 
 
+def grounding_targets(module: CaptioningModule) -> GroundingTargets | None:
+    """The collator's grounding targets (a grid cell per prefix position), when the loss is on."""
+    if not module.grounding_weight:
+        return None
+    return GroundingTargets(
+        module.model.llm.tokenizer, module.model.vision.grid_size, module.grounding_max_targets
+    )
+
+
 def build_collator(cfg: DictConfig, module: CaptioningModule) -> CaptionCollator | ConversationCollator:
     if cfg.model.get("chat"):  # conversations (and captions as one-turn ones): answer-only loss
         return conversation_collator(
@@ -107,6 +118,12 @@ def build_collator(cfg: DictConfig, module: CaptioningModule) -> CaptionCollator
             caption_share=float((cfg.data.get("mix") or {}).get("caption", 0.0)),
             conversations_per_visit=int(cfg.data.get("conversations_per_visit", 1)),
             pack_length=pack_length(cfg, module),
+            grounding=grounding_targets(module),
+        )
+    if module.grounding_weight:
+        raise ConfigError(
+            "model.grounding needs conversation training (model.chat, e.g. experiment=demo_vqa); "
+            "set model.grounding.weight=0"
         )
     return CaptionCollator(
         module.model.llm.tokenizer,

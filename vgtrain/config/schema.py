@@ -133,8 +133,16 @@ class SchedulerSchema:
 
 
 @dataclass
+class GroundingSchema:
+    weight: float = number(0.0)
+    max_targets: int = integer(1)
+    layer: int | None = integer(0, optional=True)
+
+
+@dataclass
 class ModelSchema:
     loss_reduction: str = one_of("token", "sample")
+    grounding: GroundingSchema = field(default_factory=GroundingSchema)
     optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
     scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
 

@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from vgtrain.data.packing import pack_encoded
+from vgtrain.models.grounding import GroundingTargets
 from vgtrain.models.chat_template import (
     IMAGE_TOKEN,
     ConversationError,
@@ -165,6 +166,10 @@ def attach_conversations(decoded: dict[str, Any], raw_json: Any, *, pin_first: b
     return decoded
 
 
+# With grounding on, this many samples without one region mean the data has none (an error).
+GROUNDING_CHECK_SAMPLES = 256
+
+
 class ConversationCollator:
     """Renders each sample's conversation (or caption) and right-pads the batch.
 
@@ -185,11 +190,16 @@ class ConversationCollator:
         max_tokens: int = 128,
         picker: ConversationPicker | None = None,
         pack_length: int = 0,
+        grounding: GroundingTargets | None = None,
     ) -> None:
         if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer needs an EOS and a pad token to build batches")
         if pack_length < 0:
             raise ValueError(f"data.pack_length must be >= 0 (0: no packing), got {pack_length}")
+        if grounding is not None and pack_length:
+            raise ValueError("model.grounding reads each row's prefix by grid cell: use data.pack_length=0")
+        self.grounding = grounding
+        self._grounding_seen = [0, 0]  # samples collated, of them with regions
         self.pack_length = pack_length
         self.tokenizer = tokenizer
         self.renderer = renderer
@@ -219,6 +229,10 @@ class ConversationCollator:
         batch["captions"] = [sample.get("caption", "") for sample in samples]
         batch["keys"] = [sample.get("key") for sample in samples]
         batch["conversations"] = [sample.get("conversations") or [] for sample in samples]
+        if any("regions" in sample for sample in samples):
+            batch["regions"] = [sample.get("regions") or [] for sample in samples]
+        if self.grounding is not None:
+            batch["grounding_targets"] = self.grounding_targets(samples)
         if any("references" in sample for sample in samples):
             batch["references"] = [
                 sample.get("references", [sample.get("caption", "")]) for sample in samples
@@ -229,6 +243,19 @@ class ConversationCollator:
             batch["visual_tokens"] = torch.stack([sample["tokens"] for sample in samples])
             batch["visual_pooled"] = torch.stack([sample["pooled"] for sample in samples])
         return batch
+
+    def grounding_targets(self, samples: list[dict[str, Any]]) -> torch.Tensor:
+        """[batch, prefix, k] token ids of each sample's regions (see models/grounding.py)."""
+        assert self.grounding is not None
+        self._grounding_seen[0] += len(samples)
+        self._grounding_seen[1] += sum(bool(sample.get("regions")) for sample in samples)
+        if self._grounding_seen[0] >= GROUNDING_CHECK_SAMPLES and not self._grounding_seen[1]:
+            raise ValueError(
+                f"model.grounding.weight > 0, but none of the first {self._grounding_seen[0]} samples "
+                f'(e.g. {samples[0].get("key")}) has "regions" in its .json: add them (README, '
+                '"Grounding") or set model.grounding.weight=0'
+            )
+        return torch.stack([self.grounding(sample.get("regions") or []) for sample in samples])
 
     def padded(self, encoded: list[EncodedConversation]) -> dict[str, Any]:
         """One sample per row, right-padded to the longest."""
@@ -260,6 +287,7 @@ def conversation_collator(
     caption_share: float = 0.0,
     conversations_per_visit: int = 1,
     pack_length: int = 0,
+    grounding: GroundingTargets | None = None,
 ) -> ConversationCollator:
     """The collator a ``model.chat`` config block asks for (see :meth:`ConversationRenderer.from_config`)."""
     renderer = ConversationRenderer.from_config(tokenizer, chat, prefix_length)
@@ -271,4 +299,5 @@ def conversation_collator(
         max_tokens=max_tokens,
         picker=ConversationPicker(seed, caption_share, conversations_per_visit),
         pack_length=pack_length,
+        grounding=grounding,
     )

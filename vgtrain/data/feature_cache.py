@@ -42,6 +42,7 @@ class CachedFeatures(Dataset):
         keys: list[str],
         skipped: dict[str, int] | None = None,
         conversations: list[list[Any]] | None = None,
+        regions: list[list[Any]] | None = None,
     ) -> None:
         if not (len(tokens) == len(pooled) == len(captions) == len(keys)):
             raise ValueError("cached features, captions and keys differ in length")
@@ -52,6 +53,8 @@ class CachedFeatures(Dataset):
         self.keys = keys
         # Per sample, its conversations (none: a caption sample); the collator draws one per visit.
         self.conversations = conversations if conversations and any(conversations) else None
+        # Per sample, its grounding regions (models/grounding.py), when any sample has some.
+        self.regions = regions if regions and any(regions) else None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -71,6 +74,8 @@ class CachedFeatures(Dataset):
         }
         if self.conversations is not None and self.conversations[index]:
             item["conversations"] = self.conversations[index]
+        if self.regions is not None:
+            item["regions"] = self.regions[index]
         if visit is not None:
             item["conversation"] = visit_conversation(item.get("conversations") or [], visit)
         return item
@@ -96,7 +101,7 @@ def compute_features(
     batches. Features come back as float32 on the CPU; the tower goes back to where it was."""
     home = next(vision.parameters()).device
     encoder = FeatureEncoder(vision, device, precision)
-    tokens, pooled, captions, keys, conversations = [], [], [], [], []
+    tokens, pooled, captions, keys, conversations, regions = [], [], [], [], [], []
     skipped: Counter[str] = Counter()
     try:
         encoded = encode_overlapped(encoder, batches, lambda batch: batch["pixel_values"])
@@ -108,9 +113,12 @@ def compute_features(
                 captions.extend(batch["captions"])
                 keys.extend(batch["keys"])
                 conversations.extend(batch.get("conversations") or [[]] * len(batch["keys"]))
+                regions.extend(batch.get("regions") or [[]] * len(batch["keys"]))
                 bar.update(len(batch["keys"]))
     finally:
         vision.to(home)
     if not captions:
         raise ValueError(f"{description}: no samples to cache")
-    return CachedFeatures(torch.cat(tokens), torch.cat(pooled), captions, keys, dict(skipped), conversations)
+    return CachedFeatures(
+        torch.cat(tokens), torch.cat(pooled), captions, keys, dict(skipped), conversations, regions
+    )

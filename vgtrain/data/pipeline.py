@@ -23,6 +23,7 @@ from PIL import Image
 
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.conversation import ConversationError, attach_conversations
+from vgtrain.models.grounding import RegionError, read_regions
 from vgtrain.errors import ConfigError, ShardNotFoundError
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,12 @@ def sample_text(
             attach_conversations(text, sample["json"], pin_first=picker.seed is None)
         except ConversationError as error:
             counter.skip("bad_conversation", f"{where}: {error}")
+            return None
+    if b'"regions"' in sample.get("json", b""):  # boxes with words, for the grounding loss
+        try:
+            text["regions"] = read_regions(json.loads(sample["json"])["regions"])
+        except (RegionError, KeyError, ValueError) as error:
+            counter.skip("bad_regions", f"{where}: {error}")
             return None
     return text
 

@@ -8,8 +8,9 @@ be answered with the history). Each type has training phrasings and held-out one
 split asks with the training phrasings about unseen scenes, the ``phrasing`` split with held-out
 phrasings only.
 
-Shards hold ``{key}.png``, ``{key}.txt`` (the caption) and ``{key}.json``: the scene and
-``conversations`` (several per image; assistant turns carry ``type``). The questions themselves
+Shards hold ``{key}.png``, ``{key}.txt`` (the caption) and ``{key}.json``: the scene,
+``conversations`` (several per image; assistant turns carry ``type``) and ``regions`` (each shape's
+box and words, for ``model.grounding``). The questions themselves
 are drawn by :mod:`vgtrain.data.shapes_questions`; this module writes the splits.
 """
 
@@ -34,12 +35,14 @@ from vgtrain.data.synthetic import (
     _layout,
     _png_bytes,
     caption,
+    half_extent,
     render,
     sample_scene,
 )
 from vgtrain.files import atomic_write_text
 
-FORMAT_VERSION = 1
+# 2: samples' .json carry `regions` (boxes and words, for the grounding loss)
+FORMAT_VERSION = 2
 CORPUS_FILE = "corpus.txt"
 SPLITS: tuple[str, ...] = ("train", "val", "phrasing")
 
@@ -71,8 +74,23 @@ def _split_samples(
             "__key__": f"{split}_{i:07d}",
             "png": _png_bytes(render(scene, image_size)),
             "txt": caption(scene),
-            "json": json.dumps({**scene.to_dict(), "conversations": conversations}, sort_keys=True),
+            "json": json.dumps(
+                {**scene.to_dict(), "conversations": conversations, "regions": regions(scene)}, sort_keys=True
+            ),
         }
+
+
+def regions(scene: Scene) -> list[dict[str, Any]]:
+    """Each shape's box (fractions of the image) and words, for the grounding loss
+    (vgtrain/models/grounding.py): its colour and its kind."""
+    size = scene.image_size
+    boxes = []
+    for shape in scene.shapes:
+        r = half_extent(shape.size, size)
+        box = [max(0.0, (shape.cx - r) / size), max(0.0, (shape.cy - r) / size)]
+        box += [min(1.0, (shape.cx + r) / size), min(1.0, (shape.cy + r) / size)]
+        boxes.append({"box": [round(v, 4) for v in box], "words": [shape.color, shape.shape]})
+    return boxes
 
 
 def _training_only(phrasing_key: str) -> bool:

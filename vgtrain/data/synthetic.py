@@ -80,7 +80,8 @@ class Scene:
         return cls(tuple(Shape(**s) for s in data["shapes"]), int(data["image_size"]))
 
 
-def _half_extent(size: str, image_size: int) -> float:
+def half_extent(size: str, image_size: int) -> float:
+    """Half the side of a shape's bounding square, in pixels."""
     return SIZES[size] * image_size / 2
 
 
@@ -125,14 +126,14 @@ def sample_scene(
     pairs = [rng.choice(required if i == special else allowed) for i in range(num)]
     sizes = [rng.choice(tuple(SIZES)) for _ in range(num)]
     if num == 1:
-        half = _half_extent(sizes[0], image_size)
+        half = half_extent(sizes[0], image_size)
         cx = _uniform_in_cell(rng, rng.randrange(3), half, image_size)
         cy = _uniform_in_cell(rng, rng.randrange(3), half, image_size)
         return Scene((Shape(*pairs[0], sizes[0], cx, cy),), image_size)
     shapes = []
     mid = image_size / 2
     for i, ((color, kind), size) in enumerate(zip(pairs, sizes, strict=True)):
-        half = _half_extent(size, image_size)
+        half = half_extent(size, image_size)
         # Each shape lies entirely inside its half (1px gap to the midline), so
         # the two never overlap and "left of" is unambiguous.
         lo, hi = (half + 1, mid - half - 1) if i == 0 else (mid + half + 1, image_size - half - 1)
@@ -185,7 +186,7 @@ def caption_vocabulary() -> list[str]:
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, image_size: int) -> None:
-    r = _half_extent(shape.size, image_size)
+    r = half_extent(shape.size, image_size)
     x, y = shape.cx, shape.cy
     fill = COLORS[shape.color]
     if shape.shape == "circle":

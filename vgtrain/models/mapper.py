@@ -24,6 +24,8 @@ class Mapper(nn.Module):
     """Base class: ``forward(features) -> [B, prefix_length, out_dim]``."""
 
     source: Source = "pooled"
+    # Prefix position j is visual token j (one embedding per token, in the tower's grid order).
+    per_token: bool = False
 
     def __init__(self, prefix_length: int) -> None:
         super().__init__()
@@ -91,6 +93,7 @@ class ProjectorMapper(Mapper):
     """
 
     source: Source = "tokens"
+    per_token = True
 
     def __init__(
         self,
@@ -175,6 +178,7 @@ class TransformerMapper(Mapper):
             raise ValueError("the transformer mapper needs prefix_length (its number of queries)")
         super().__init__(prefix_length)
         self.source = source
+        self.per_token = output == "inputs" and source == "tokens"
         self.clip_length = clip_length
         if source == "pooled":
             self.input_proj: nn.Module = nn.Linear(in_dim, clip_length * width)

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vgtrain.models.backbones.llm import LanguageModel
 from vgtrain.models.backbones.vision import VisionBackbone, VisualFeatures
+from vgtrain.models.grounding import grounding_loss
 from vgtrain.models.lm_loss import IGNORE_INDEX, caption_loss, caption_positions, sample_mean_weights
 from vgtrain.models.mapper import Mapper
 from vgtrain.models.xattn import CrossAttentionAdapter
@@ -46,6 +47,8 @@ class PrefixLMOutput:
     num_correct: torch.Tensor | None
     # samples that carried loss, when the loss is a mean over samples (loss_reduction="sample")
     num_samples: torch.Tensor | None = None
+    # the grounding loss at the visual positions, when the batch has targets (models/grounding.py)
+    grounding_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -98,6 +101,8 @@ class VisualPrefixLM(nn.Module):
         self.memory = memory  # features -> cross-attention memory; None: the patch tokens as they are
         self.lm_loss = "auto"  # head + cross-entropy implementation (see models/lm_loss.py)
         self.loss_reduction = "token"  # mean over tokens, or over samples (see models/lm_loss.py)
+        # The block whose output the grounding loss reads (None: the LLM's output; models/grounding.py)
+        self.grounding_layer: int | None = None
 
     @property
     def prefix_length(self) -> int:
@@ -191,11 +196,13 @@ class VisualPrefixLM(nn.Module):
         loss_targets: torch.Tensor | None = None,
         with_accuracy: bool = True,
         packed: PackedRows | None = None,
+        grounding_targets: torch.Tensor | None = None,
     ) -> PrefixLMOutput:
         """``loss_index``/``loss_targets``: the caption positions as the collator precomputed
         them (:func:`caption_positions`); derived from ``labels`` when absent, which reads the
         labels' values (a host sync on an accelerator). ``packed``: rows holding several samples
-        (then ``labels`` is laid out over ``packed.index``'s positions)."""
+        (then ``labels`` is laid out over ``packed.index``'s positions). ``grounding_targets``
+        ([batch, prefix, k] token ids, see models/grounding.py): adds the grounding loss."""
         expected = packed.index.shape[1] if packed is not None else self.prefix_length + input_ids.shape[1]
         if labels.shape[1] != expected:
             raise ValueError(
@@ -216,8 +223,10 @@ class VisualPrefixLM(nn.Module):
             causal = self.llm.causal_mask(embeds.shape[1], embeds.device, embeds.dtype)
             mask, positions = (causal if causal is not None else mask), None
             context = self.visual_context(features)
+        layer = self.grounding_layer if grounding_targets is not None else None
         with context:
-            hidden = self.llm(embeds, mask, position_ids=positions).last_hidden_state
+            output = self.llm(embeds, mask, position_ids=positions, output_hidden_states=layer is not None)
+        hidden = output.last_hidden_state
         position_weights, num_samples = None, None
         if self.loss_reduction == "sample":
             samples, capacity = self.loss_samples(loss_index, labels, packed)
@@ -234,7 +243,31 @@ class VisualPrefixLM(nn.Module):
             position_weights=position_weights,
         )
         num_tokens = torch.tensor(loss_index.shape[0], device=hidden.device)  # a known size: no sync
-        return PrefixLMOutput(result.loss, num_tokens, result.num_correct, num_samples)
+        grounding = None
+        if grounding_targets is not None:
+            read = hidden if layer is None else self.llm.final_norm(output.hidden_states[layer + 1])
+            visual = self.prefix_hidden(read, image_position)
+            grounding = grounding_loss(
+                visual, grounding_targets.to(hidden.device), head.weight, getattr(head, "bias", None)
+            )
+        return PrefixLMOutput(result.loss, num_tokens, result.num_correct, num_samples, grounding)
+
+    def check_groundable(self) -> None:
+        """Raises ValueError unless prefix position j is the image's visual token j (the grounding
+        loss reads the prefix by grid cell)."""
+        if self.mapper is None or not getattr(self.mapper, "per_token", False):
+            raise ValueError(
+                "it needs a prefix of one embedding per visual token: model/mapper=projector "
+                "(or projector_local), or the transformer mapper with output=inputs"
+            )
+
+    def prefix_hidden(self, hidden: torch.Tensor, image_position: torch.Tensor | None) -> torch.Tensor:
+        """The LLM's output at the visual prefix's positions, [batch, prefix, d] (padded rows)."""
+        k = self.prefix_length
+        if image_position is None:
+            return hidden[:, :k]
+        index = image_position.to(hidden.device).unsqueeze(1) + torch.arange(k, device=hidden.device)
+        return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
     @staticmethod
     def loss_samples(

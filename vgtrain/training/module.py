@@ -16,6 +16,7 @@ from vgtrain.models import VisualPrefixLM, build_model
 from vgtrain.models.backbones.vision import VisualFeatures
 from vgtrain.models.lm_loss import LOSS_REDUCTIONS
 from vgtrain.models.prefix_lm import PackedRows, PrefixLMOutput
+from vgtrain.models.xattn import find_decoder_layers
 from vgtrain.training.callbacks import samples_in
 from vgtrain.training.speed import (
     SpeedSettings,
@@ -41,6 +42,16 @@ def warmup_cosine(
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def checked_layer(layer: int | None, model: VisualPrefixLM) -> int | None:
+    """``model.grounding.layer``: a block index of the LLM, or None (its output)."""
+    if layer is None:
+        return None
+    blocks = len(find_decoder_layers(model.llm.model))
+    if not (isinstance(layer, int) and 0 <= layer < blocks):
+        raise ValueError(f"layer={layer!r} is not a block of the LLM (0..{blocks - 1}, or null: its output)")
+    return layer
+
+
 class CaptioningModule(L.LightningModule):
     """Trains the adapters (and the LLM when ``llm.trainable``) on caption tokens only."""
 
@@ -61,6 +72,7 @@ class CaptioningModule(L.LightningModule):
         chat: dict[str, Any] | None = None,  # conversation template (recorded for exports)
         speed: dict[str, Any] | None = None,
         loss_reduction: str = "token",
+        grounding: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -75,6 +87,17 @@ class CaptioningModule(L.LightningModule):
                 f"model.loss_reduction={loss_reduction!r}; choose from {', '.join(LOSS_REDUCTIONS)}"
             )
         self.model.loss_reduction = loss_reduction
+        # The grounding loss's weight (models/grounding.py); 0: off.
+        self.grounding_weight = float((grounding or {}).get("weight", 0.0))
+        self.grounding_max_targets = int((grounding or {}).get("max_targets", 4))
+        if self.grounding_weight < 0:
+            raise ValueError(f"model.grounding.weight must be >= 0, got {self.grounding_weight}")
+        if self.grounding_weight:
+            try:
+                self.model.check_groundable()
+                self.model.grounding_layer = checked_layer((grounding or {}).get("layer"), self.model)
+            except ValueError as error:
+                raise ValueError(f"model.grounding: {error}") from None
         # torch.compile wraps the forward only; kept out of the module tree (no second set of
         # state-dict names for the same parameters).
         self.__dict__["_compiled"] = torch.compile(self.model, dynamic=True) if self.speed.compile else None
@@ -111,6 +134,7 @@ class CaptioningModule(L.LightningModule):
             loss_targets=batch.get("loss_targets"),
             with_accuracy=report,
             packed=PackedRows.from_batch(batch),
+            grounding_targets=batch.get("grounding_targets") if self.grounding_weight else None,
         )
         if report:
             batch_size = samples_in(batch)
@@ -118,6 +142,8 @@ class CaptioningModule(L.LightningModule):
             options = {"batch_size": batch_size, "on_step": on_step, "on_epoch": not on_step}
             self.log(f"{stage}/loss", out.loss, prog_bar=True, **options)
             self.log(f"{stage}/token_accuracy", accuracy, **options)
+            if out.grounding_loss is not None:
+                self.log(f"{stage}/grounding_loss", out.grounding_loss, **options)
         return out
 
     def _logs_this_step(self) -> bool:
@@ -130,7 +156,10 @@ class CaptioningModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self._step(batch, "train")
         units = out.num_samples if out.num_samples is not None else out.num_tokens
-        return out.loss * self._rank_share(units)
+        loss = out.loss * self._rank_share(units)
+        if out.grounding_loss is not None:  # a mean over this rank's grounded cells
+            loss = loss + self.grounding_weight * out.grounding_loss
+        return loss
 
     def _rank_share(self, units: torch.Tensor) -> torch.Tensor | float:
         """Under data parallelism each rank's loss is a mean over its own caption tokens (or

@@ -61,9 +61,14 @@ class LanguageModel(FrozenModule):
         past_key_values: Any = None,
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
     ) -> Any:
-        """Runs the decoder stack (without the output head); returns the base model's output."""
+        """Runs the decoder stack (without the output head); returns the base model's output
+        (with ``output_hidden_states``: also ``hidden_states``, the embeddings then each block's
+        output)."""
         extra: dict[str, Any] = {"past_key_values": past_key_values} if past_key_values is not None else {}
+        if output_hidden_states:
+            extra["output_hidden_states"] = True
         if position_ids is not None:
             extra["position_ids"] = position_ids
         return self.model.base_model(
@@ -100,6 +105,17 @@ class LanguageModel(FrozenModule):
                 ~allowed, torch.finfo(dtype).min
             )
         return None
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The norm the decoder applies after its last block (GPT-2 ``ln_f``, Llama ``norm``, OPT
+        ``decoder.final_layer_norm``), applied to ``hidden``: a block's output as the head reads it."""
+        base = self.model.base_model
+        for name in ("ln_f", "norm", "decoder.final_layer_norm"):
+            try:
+                return base.get_submodule(name)(hidden)
+            except AttributeError:
+                continue
+        raise TypeError(f"cannot find the final norm of {type(base).__name__} (ln_f, norm, decoder.final_layer_norm)")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)
