@@ -1,8 +1,6 @@
 """The grounding loss: regions read and checked, boxes to grid cells, words to targets, the loss
 where the prefix sits, and a model that learns to name what each visual token shows."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,7 +124,9 @@ def test_an_earlier_block_is_read_through_the_final_norm():
     out = model(ids, torch.ones_like(ids), labels, pixel_values=pixels, grounding_targets=targets)
     embeds, mask = model.input_embeddings(model.features(pixels), ids, torch.ones_like(ids))
     causal = model.llm.causal_mask(embeds.shape[1], embeds.device, embeds.dtype)
-    states = model.llm(embeds, causal if causal is not None else mask, output_hidden_states=True).hidden_states
+    states = model.llm(
+        embeds, causal if causal is not None else mask, output_hidden_states=True
+    ).hidden_states
     head = model.llm.model.get_output_embeddings()
     expected = -F.log_softmax(head(model.llm.model.transformer.ln_f(states[1][0, 1])), -1)[7]
     assert torch.allclose(out.grounding_loss, expected, atol=1e-5)
@@ -140,7 +140,9 @@ def test_grounding_needs_a_prefix_per_visual_token():
 
     options = {"optimizer": torch.optim.AdamW, "scheduler": {}, "chat": PLAIN_CHAT}
     with pytest.raises(ValueError, match="model.grounding: it needs a prefix of one embedding"):
-        CaptioningModule(dict(TINY_VISION), dict(TINY_LLM), dict(TINY_MAPPER), grounding={"weight": 1.0}, **options)
+        CaptioningModule(
+            dict(TINY_VISION), dict(TINY_LLM), dict(TINY_MAPPER), grounding={"weight": 1.0}, **options
+        )
     module = CaptioningModule(
         dict(TINY_VISION), dict(TINY_LLM), dict(PROJECTOR), grounding={"weight": 1.0}, **options
     )
@@ -209,14 +211,18 @@ def test_the_collator_refuses_data_without_regions_and_packing():
     model = build_model(dict(TINY_VISION), dict(TINY_LLM), dict(PROJECTOR))
     tokenizer = model.llm.tokenizer
     targets = GroundingTargets(tokenizer, model.vision.grid_size)
-    collate = conversation_collator(tokenizer, model.prefix_length, dict(PLAIN_CHAT), seed=0, grounding=targets)
+    collate = conversation_collator(
+        tokenizer, model.prefix_length, dict(PLAIN_CHAT), seed=0, grounding=targets
+    )
     sample = {"caption": "a red circle", "image": torch.randn(3, 32, 32), "key": "plain_0"}
     for _ in range(GROUNDING_CHECK_SAMPLES // 32 - 1):
         assert collate([sample] * 32)["grounding_targets"].eq(IGNORE_INDEX).all()
     with pytest.raises(ValueError, match=r'none of the first 256 samples \(e.g. plain_0\) has "regions"'):
         collate([sample] * 32)
     with pytest.raises(ValueError, match="data.pack_length=0"):
-        conversation_collator(tokenizer, model.prefix_length, dict(PLAIN_CHAT), pack_length=64, grounding=targets)
+        conversation_collator(
+            tokenizer, model.prefix_length, dict(PLAIN_CHAT), pack_length=64, grounding=targets
+        )
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

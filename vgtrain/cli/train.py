@@ -39,8 +39,8 @@ from vgtrain.errors import (
 )
 from vgtrain.evaluation.heldout import evaluate_captions, format_examples
 from vgtrain.evaluation.vqa import evaluate_vqa_splits
-from vgtrain.models.grounding import GroundingTargets
 from vgtrain.files import atomic_write_text
+from vgtrain.models.grounding import GroundingTargets
 from vgtrain.training.checkpointing import resolve_resume
 from vgtrain.training.datamodule import CaptionDataModule
 from vgtrain.training.init_from import init_from_export

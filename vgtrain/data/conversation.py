@@ -21,7 +21,6 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from vgtrain.data.packing import pack_encoded
-from vgtrain.models.grounding import GroundingTargets
 from vgtrain.models.chat_template import (
     IMAGE_TOKEN,
     ConversationError,
@@ -29,6 +28,7 @@ from vgtrain.models.chat_template import (
     EncodedConversation,
     normalize_messages,
 )
+from vgtrain.models.grounding import GroundingTargets
 
 IGNORE_INDEX = -100
 Conversation = list[dict[str, Any]]

@@ -23,8 +23,8 @@ from PIL import Image
 
 from vgtrain.data.collate import CaptionCollator
 from vgtrain.data.conversation import ConversationError, attach_conversations
-from vgtrain.models.grounding import RegionError, read_regions
 from vgtrain.errors import ConfigError, ShardNotFoundError
+from vgtrain.models.grounding import RegionError, read_regions
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,9 @@ class GroundingTargets:
     """A sample's regions -> ``[cells, max_targets]`` token ids for its visual tokens (the
     words' tokens, as they follow a space in text), :data:`IGNORE_INDEX` where none."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, grid: tuple[int, int], max_targets: int = 4) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, grid: tuple[int, int], max_targets: int = 4
+    ) -> None:
         if max_targets < 1:
             raise ValueError(f"model.grounding.max_targets must be >= 1, got {max_targets}")
         self.tokenizer, self.grid, self.max_targets = tokenizer, grid, max_targets

@@ -115,7 +115,9 @@ class LanguageModel(FrozenModule):
                 return base.get_submodule(name)(hidden)
             except AttributeError:
                 continue
-        raise TypeError(f"cannot find the final norm of {type(base).__name__} (ln_f, norm, decoder.final_layer_norm)")
+        raise TypeError(
+            f"cannot find the final norm of {type(base).__name__} (ln_f, norm, decoder.final_layer_norm)"
+        )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden)
