@@ -247,3 +247,26 @@ def test_corpus_leaves_out_training_only_phrasings(tmp_path):
         for phrasing in heldout:
             assert (phrasing in lines) != training_only, (key, phrasing)
     assert "Do you see a {shape}?" not in lines and "Find out if {ref} is {color}." not in lines
+
+
+def test_regions_box_each_drawn_shape_with_its_colour_and_kind():
+    """Each training scene's `regions` (for model.grounding): one per shape, its words the shape's
+    colour and kind, its box holding every pixel drawn in that colour on that side."""
+    import numpy as np
+
+    from vgtrain.data.shapes_vqa import regions
+    from vgtrain.data.synthetic import COLORS as RGB
+    from vgtrain.data.synthetic import render
+
+    for scene, _ in _scenes("train", 40, 64, 0, 1, 0.0):
+        boxes = regions(scene)
+        assert [b["words"] for b in boxes] == [[s.color, s.shape] for s in scene.shapes]
+        pixels = np.asarray(render(scene, 64)).astype(int)
+        for shape, region in zip(scene.shapes, boxes, strict=True):
+            x0, y0, x1, y1 = (v * 64 for v in region["box"])
+            match = (np.abs(pixels - np.array(RGB[shape.color])).sum(-1) < 30).nonzero()
+            ys, xs = match
+            mine = (xs < 32) == (shape.cx < 32) if len(scene.shapes) == 2 else np.ones_like(xs, bool)
+            assert mine.any()
+            assert x0 - 1 <= xs[mine].min() and xs[mine].max() <= x1 + 1
+            assert y0 - 1 <= ys[mine].min() and ys[mine].max() <= y1 + 1

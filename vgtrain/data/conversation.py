@@ -253,7 +253,7 @@ class ConversationCollator:
             raise ValueError(
                 f"model.grounding.weight > 0, but none of the first {self._grounding_seen[0]} samples "
                 f'(e.g. {samples[0].get("key")}) has "regions" in its .json: add them (README, '
-                '"Grounding") or set model.grounding.weight=0'
+                '"Grounding loss") or set model.grounding.weight=0'
             )
         return torch.stack([self.grounding(sample.get("regions") or []) for sample in samples])
 
