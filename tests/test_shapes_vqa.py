@@ -251,7 +251,7 @@ def test_corpus_leaves_out_training_only_phrasings(tmp_path):
 
 def test_regions_box_each_drawn_shape_with_its_colour_and_kind():
     """Each training scene's `regions` (for model.grounding): one per shape, its words the shape's
-    colour and kind, its box holding every pixel drawn in that colour on that side."""
+    size, colour and kind, its box holding every pixel drawn in that colour on that side."""
     import numpy as np
 
     from vgtrain.data.shapes_vqa import regions
@@ -260,7 +260,7 @@ def test_regions_box_each_drawn_shape_with_its_colour_and_kind():
 
     for scene, _ in _scenes("train", 40, 64, 0, 1, 0.0):
         boxes = regions(scene)
-        assert [b["words"] for b in boxes] == [[s.color, s.shape] for s in scene.shapes]
+        assert [b["words"] for b in boxes] == [[s.size, s.color, s.shape] for s in scene.shapes]
         pixels = np.asarray(render(scene, 64)).astype(int)
         for shape, region in zip(scene.shapes, boxes, strict=True):
             x0, y0, x1, y1 = (v * 64 for v in region["box"])

@@ -82,14 +82,14 @@ def _split_samples(
 
 def regions(scene: Scene) -> list[dict[str, Any]]:
     """Each shape's box (fractions of the image) and words, for the grounding loss
-    (vgtrain/models/grounding.py): its colour and its kind."""
+    (vgtrain/models/grounding.py): its size, colour and kind."""
     size = scene.image_size
     boxes = []
     for shape in scene.shapes:
         r = half_extent(shape.size, size)
         box = [max(0.0, (shape.cx - r) / size), max(0.0, (shape.cy - r) / size)]
         box += [min(1.0, (shape.cx + r) / size), min(1.0, (shape.cy + r) / size)]
-        boxes.append({"box": [round(v, 4) for v in box], "words": [shape.color, shape.shape]})
+        boxes.append({"box": [round(v, 4) for v in box], "words": [shape.size, shape.color, shape.shape]})
     return boxes
 
 

@@ -7,8 +7,10 @@ visual token whose grid cell the box overlaps, the cross-entropy of the LM head'
 against each of the region's word tokens (Kosmos-2 and Shikra ground phrases to boxes in text;
 this grounds them in the visual tokens themselves). The prefix then holds word-like tokens ("this
 token shows a red circle"), so "What colour is the circle?" becomes a look-up the LLM already
-knows from text: find the token that says "circle", read its colour. Training-only: exports and
-decoding are unchanged. Needs a prefix of one embedding per visual token (the projector, or the
+knows from text: find the token that says "circle", read its colour. ``model.grounding.layer=k``
+reads block k's output through the LLM's final norm (the logit lens) instead of the LLM's output,
+leaving the blocks above free to use what the tokens name. Training-only: exports and decoding
+are unchanged. Needs a prefix of one embedding per visual token (the projector, or the
 transformer mapper with ``output=inputs``), so that prefix position j is grid cell j.
 """
 
