@@ -184,7 +184,10 @@ def sample_text(
     """``{"caption"}`` and, for a sample whose ``.json`` has ``conversations``, those too (see
     vgtrain/data/conversation.py; evaluation pins the first, training leaves the draw to the
     collator); None when unusable (counted). A conversation-only sample needs no caption."""
-    conversational = b'"conversations"' in sample.get("json", b"")
+    raw_json = sample.get("json", b"")
+    conversational = b'"conversations"' in raw_json
+    grounded = b'"regions"' in raw_json  # boxes with words, for the grounding loss
+    parsed = _parsed_json(raw_json) if conversational or grounded else None  # once for both
     if conversational and "txt" not in sample:
         caption: str | None = ""  # instruction or VQA data
     else:
@@ -194,17 +197,28 @@ def sample_text(
     text: dict[str, Any] = {"caption": caption}
     if conversational:
         try:
-            attach_conversations(text, sample["json"], pin_first=picker.seed is None)
+            attach_conversations(text, raw_json if parsed is None else parsed, pin_first=picker.seed is None)
         except ConversationError as error:
             counter.skip("bad_conversation", f"{where}: {error}")
             return None
-    if b'"regions"' in sample.get("json", b""):  # boxes with words, for the grounding loss
+    if grounded:
         try:
-            text["regions"] = read_regions(json.loads(sample["json"])["regions"])
-        except (RegionError, KeyError, ValueError) as error:
+            if not isinstance(parsed, dict):
+                raise RegionError("the .json is not a JSON object")
+            if "regions" in parsed:
+                text["regions"] = read_regions(parsed["regions"])
+        except RegionError as error:
             counter.skip("bad_regions", f"{where}: {error}")
             return None
     return text
+
+
+def _parsed_json(raw: bytes) -> Any:
+    """A sample's ``.json``, parsed; None when it is not JSON."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
 
 
 class SampleDecoder:

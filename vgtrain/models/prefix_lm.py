@@ -255,7 +255,7 @@ class VisualPrefixLM(nn.Module):
     def check_groundable(self) -> None:
         """Raises ValueError unless prefix position j is the image's visual token j (the grounding
         loss reads the prefix by grid cell)."""
-        if self.mapper is None or not getattr(self.mapper, "per_token", False):
+        if self.mapper is None or not self.mapper.per_token:
             raise ValueError(
                 "it needs a prefix of one embedding per visual token: model/mapper=projector "
                 "(or projector_local), or the transformer mapper with output=inputs"

@@ -88,14 +88,15 @@ class CaptioningModule(L.LightningModule):
             )
         self.model.loss_reduction = loss_reduction
         # The grounding loss's weight (models/grounding.py); 0: off.
-        self.grounding_weight = float((grounding or {}).get("weight", 0.0))
-        self.grounding_max_targets = int((grounding or {}).get("max_targets", 4))
+        grounding = dict(grounding or {})
+        self.grounding_weight = float(grounding.get("weight", 0.0))
+        self.grounding_max_targets = int(grounding.get("max_targets", 4))
         if self.grounding_weight < 0:
             raise ValueError(f"model.grounding.weight must be >= 0, got {self.grounding_weight}")
         if self.grounding_weight:
             try:
                 self.model.check_groundable()
-                self.model.grounding_layer = checked_layer((grounding or {}).get("layer"), self.model)
+                self.model.grounding_layer = checked_layer(grounding.get("layer"), self.model)
             except ValueError as error:
                 raise ValueError(f"model.grounding: {error}") from None
         # torch.compile wraps the forward only; kept out of the module tree (no second set of
